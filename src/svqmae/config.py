@@ -1,0 +1,285 @@
+"""Configuration: dataclasses are the single source of defaults.
+
+Resolution order (later wins): dataclass defaults -> preset -> YAML file(s) -> ``--set key=value``.
+Keys are dotted paths into the tree, e.g. ``model.encoder.layers=6`` or ``train.lr=3e-4``.
+The resolved config is written as YAML next to every run and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key or file at fault."""
+
+
+@dataclass
+class FeatureConfig:
+    sample_rate: int = 16000  # every input is resampled to this rate
+    n_mels: int = 80  # F: log-mel filterbank bins
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    stack: int = 4  # frames per token: 4 -> 40 ms tokens (25 Hz), 2 -> 50 Hz
+
+
+@dataclass
+class MaskConfig:
+    ratio: float = 0.7  # share of (non-padding) tokens that are masked, exact per utterance
+    span: int = 3  # tokens per masked span
+
+
+@dataclass
+class QuantizerConfig:
+    kind: str = "random"  # "random": frozen random projection (BEST-RQ); "learned": EMA k-means VQ
+    codebook_size: int = 1024  # K
+    code_dim: int = 16
+    num_codebooks: int = 1
+    seed: int = 1234  # the random projection and codebook are a pure function of this seed
+    ema_decay: float = 0.99  # learned VQ only
+
+
+@dataclass
+class TransformerConfig:
+    layers: int = 12
+    dim: int = 768  # D
+    heads: int = 12
+    ffn_dim: int = 3072
+    dropout: float = 0.1
+    rope_base: float = 10000.0
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "svqmae"  # "svqmae" (visible-only encoder + decoupled decoder) | "encoder_only" (ablation)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    encoder: TransformerConfig = field(default_factory=TransformerConfig)
+    decoder: TransformerConfig = field(
+        default_factory=lambda: TransformerConfig(layers=4, dim=384, heads=6, ffn_dim=1536)
+    )
+    recon_weight: float = 0.0  # weight of the optional filterbank-reconstruction loss on masked tokens
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.05  # cosine decay floor, as a share of lr
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 1000
+    max_steps: int = 400_000
+    max_minutes: float = 0.0  # 0 = no time budget
+    grad_clip: float = 1.0
+    accumulate: int = 1  # gradient accumulation: 4 GPUs x 16 stand in for 64 GPUs
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32 on CPU | "bf16" | "32"
+    max_batch_seconds: float = 320.0  # audio seconds per batch (per device)
+    max_utt_seconds: float = 15.0  # longer utterances are randomly cropped
+    min_utt_seconds: float = 0.5  # shorter utterances are skipped
+    num_buckets: int = 10
+    num_workers: int = 2
+    val_items: int = 64  # held-out utterances for validation (fixed masks)
+    val_every: int = 500
+    log_every: int = 10
+    ckpt_every_steps: int = 500
+    ckpt_every_minutes: float = 10.0
+    keep_last: int = 2
+    devices: str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    compile: bool = False
+
+
+@dataclass
+class Config:
+    preset: str = "base"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # a few M parameters; learns something in minutes on 2 CPU cores
+    "tiny": {
+        "model.encoder": dict(layers=4, dim=256, heads=4, ffn_dim=1024, dropout=0.0),
+        "model.decoder": dict(layers=2, dim=192, heads=3, ffn_dim=768, dropout=0.0),
+        "model.quantizer.codebook_size": 512,
+        "train": dict(lr=1.5e-3, warmup_steps=100, max_steps=2000, max_batch_seconds=120.0,
+                      max_utt_seconds=8.0, val_items=32, val_every=100, ckpt_every_steps=100,
+                      ckpt_every_minutes=2.0, log_every=5, num_workers=1),
+    },
+    "small": {
+        "model.encoder": dict(layers=8, dim=512, heads=8, ffn_dim=2048, dropout=0.05),
+        "model.decoder": dict(layers=2, dim=256, heads=4, ffn_dim=1024, dropout=0.0),
+        "train": dict(lr=1e-3, warmup_steps=500, max_steps=100_000, max_batch_seconds=240.0),
+    },
+    # wav2vec 2.0 BASE's encoder size
+    "base": {},
+}
+
+
+def _set_path(cfg: Any, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"{source}: unknown config key '{where}'")
+        if i == len(parts) - 1:
+            current = getattr(node, part)
+            if dataclasses.is_dataclass(current):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{source}: '{dotted}' is a section; give a mapping")
+                for k, v in value.items():
+                    _set_path(current, k, v, source)
+            else:
+                setattr(node, part, _coerce(current, value, dotted, source))
+        else:
+            node = getattr(node, part)
+
+
+def _coerce(current: Any, value: Any, key: str, source: str) -> Any:
+    """Coerce ``value`` to the type of the default ``current``."""
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(current, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, tuple):
+            if isinstance(value, str):
+                value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+            return tuple(type(c)(v) for c, v in zip(current, value, strict=True))
+        if isinstance(current, str):
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{source}: '{key}' expects {type(current).__name__}, got {value!r}"
+        ) from None
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+
+    def fix(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: fix(v) for k, v in x.items()}
+        if isinstance(x, tuple):
+            return list(x)
+        return x
+
+    return fix(d)
+
+
+def from_dict(d: dict[str, Any], source: str = "config") -> Config:
+    """Build a Config from a (possibly partial) nested dict; unknown keys are errors."""
+    cfg = Config()
+    for k, v in d.items():
+        _set_path(cfg, k, v, source)
+    validate(cfg, source)
+    return cfg
+
+
+def apply_preset(cfg: Config, name: str) -> None:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
+    cfg.preset = name
+    for k, v in PRESETS[name].items():
+        _set_path(cfg, k, v, f"preset {name}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    return data
+
+
+def resolve(
+    preset: str | None = None,
+    yaml_files: list[str | Path] | tuple = (),
+    overrides: list[str] | tuple = (),
+) -> Config:
+    """defaults -> preset -> YAML files -> ``key=value`` overrides, then validate."""
+    cfg = Config()
+    docs = [(str(f), load_yaml(f)) for f in yaml_files]
+    # a YAML file may name its preset; the command line's --preset wins
+    name = preset or next((d["preset"] for _, d in reversed(docs) if "preset" in d), None) or "base"
+    apply_preset(cfg, name)
+    for src, d in docs:
+        for k, v in d.items():
+            if k != "preset":
+                _set_path(cfg, k, v, src)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        _set_path(cfg, k.strip(), yaml.safe_load(v), f"--set {k.strip()}")
+    validate(cfg, "config")
+    return cfg
+
+
+def validate(cfg: Config, source: str) -> None:
+    m, t = cfg.model, cfg.train
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{source}: {msg}")
+
+    need(m.variant in ("svqmae", "encoder_only"), f"model.variant must be svqmae or encoder_only, got {m.variant!r}")
+    need(m.quantizer.kind in ("random", "learned"), f"model.quantizer.kind must be random or learned, got {m.quantizer.kind!r}")
+    need(0.0 < m.mask.ratio < 1.0, f"model.mask.ratio must be in (0, 1), got {m.mask.ratio}")
+    need(m.mask.span >= 1, "model.mask.span must be >= 1")
+    need(m.features.stack >= 1, "model.features.stack must be >= 1")
+    need(m.quantizer.codebook_size >= 2, "model.quantizer.codebook_size must be >= 2")
+    for name, tc in (("encoder", m.encoder), ("decoder", m.decoder)):
+        need(tc.layers >= 1, f"model.{name}.layers must be >= 1")
+        need(tc.dim % tc.heads == 0, f"model.{name}.dim ({tc.dim}) must be divisible by heads ({tc.heads})")
+        need((tc.dim // tc.heads) % 2 == 0, f"model.{name}: head size must be even (rotary embeddings)")
+    need(t.precision in ("auto", "bf16", "32"), f"train.precision must be auto, bf16 or 32, got {t.precision!r}")
+    need(t.accumulate >= 1, "train.accumulate must be >= 1")
+    need(t.max_batch_seconds >= t.max_utt_seconds, "train.max_batch_seconds must be >= train.max_utt_seconds")
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def diff(a: Config, b: Config, prefix: str = "model") -> list[str]:
+    """Dotted keys under ``prefix`` whose values differ between two configs."""
+    da, db = to_dict(a)[prefix], to_dict(b)[prefix]
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, path: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{path}.{k}")
+        elif x != y:
+            out.append(f"{path}: {x!r} != {y!r}")
+
+    walk(da, db, prefix)
+    return out

@@ -1,0 +1,267 @@
+"""SVQ-MAE: Speech Vector-Quantization Masked Auto-Encoder.
+
+Read top to bottom: front end -> encoder (visible tokens only) -> decoupled decoder -> loss.
+
+Shapes, everywhere in this file:
+    B batch, S samples, N filterbank frames, F mel bins, T tokens (= N // stack), C = F * stack,
+    V visible tokens (padded to the longest in the batch), M masked tokens in the whole batch,
+    D encoder width, E decoder width, G codebooks, K codebook size.
+
+Mask polarity, stated once: ``mask[b, t] == True`` means token t is MASKED: the encoder never sees
+it and the decoder predicts its code. Padding is neither masked nor visible (see ``lengths``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lhotse.features.kaldi.layers import Wav2LogFilterBank
+from torch import nn
+
+from .config import FeatureConfig, ModelConfig, TransformerConfig
+from .masking import padding_mask, span_mask, visible_index
+from .quantizer import Quantizer, code_stats
+
+# --------------------------------------------------------------------------- front end
+
+
+class FilterbankFrontend(nn.Module):
+    """16 kHz waveform -> utterance-normalized 80-dim log-mel frames, stacked into tokens."""
+
+    def __init__(self, cfg: FeatureConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.hop = int(cfg.sample_rate * cfg.frame_shift_ms / 1000)
+        self.fbank = Wav2LogFilterBank(
+            sampling_rate=cfg.sample_rate,
+            frame_length=cfg.frame_length_ms / 1000,
+            frame_shift=cfg.frame_shift_ms / 1000,
+            num_filters=cfg.n_mels,
+        )
+
+    def num_tokens(self, num_samples: torch.Tensor) -> torch.Tensor:
+        """Samples -> tokens (frames are centred: N = round(S / hop); the last partial token is dropped)."""
+        return torch.div(num_samples + self.hop // 2, self.hop, rounding_mode="floor") // self.cfg.stack
+
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """waves: (B, S) float at 16 kHz; lengths: (B,) samples -> tokens (B, T, C), token lengths (B,)."""
+        s = self.cfg.stack
+        with torch.autocast(device_type=waves.device.type, enabled=False):
+            feats = self.fbank(waves.float())  # (B, N, F)
+        B, N, Fb = feats.shape
+        T = N // s
+        tok_len = self.num_tokens(lengths).clamp(max=T)  # (B,)
+        feats = feats[:, : T * s]
+        # per-utterance mean/variance normalization over the real frames only
+        valid = ~padding_mask(tok_len * s, T * s)[..., None]  # (B, T*s, 1)
+        count = valid.sum(1, keepdim=True).clamp_min(1)
+        mean = (feats * valid).sum(1, keepdim=True) / count
+        var = (((feats - mean) * valid) ** 2).sum(1, keepdim=True) / count
+        feats = ((feats - mean) * torch.rsqrt(var + 1e-5)) * valid
+        return feats.reshape(B, T, s * Fb), tok_len  # (B, T, C)
+
+
+# --------------------------------------------------------------------------- transformer
+
+
+def rotary(pos: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position tables from ORIGINAL token positions. pos: (B, L) -> cos, sin: (B, 1, L, hd/2)."""
+    half = head_dim // 2
+    freqs = base ** (-torch.arange(half, device=pos.device, dtype=torch.float32) / half)
+    angles = pos.float()[..., None] * freqs  # (B, L, hd/2)
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, L, hd)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm Transformer block with fused attention (scaled_dot_product_attention)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.heads, self.dropout = cfg.heads, cfg.dropout
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, attn_mask):
+        """x: (B, L, D); attn_mask: (B, 1, 1, L) bool, True = key takes part."""
+        B, L, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, L, hd)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, D)))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
+        """x: (B, L, D); pos: (B, L) original token positions; valid: (B, L) bool, False at padding.
+
+        Returns every hidden state: [input, block 1, ..., block n (final-normed)], each (B, L, D).
+        """
+        cos, sin = rotary(pos, self.cfg.dim // self.cfg.heads, self.cfg.rope_base)
+        attn_mask = valid[:, None, None, :]  # (B, 1, 1, L)
+        hidden = [x]
+        for block in self.blocks:
+            x = block(x, cos, sin, attn_mask)
+            hidden.append(x)
+        hidden[-1] = self.norm(x)
+        return hidden
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class SVQMAE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        f, q, enc, dec = cfg.features, cfg.quantizer, cfg.encoder, cfg.decoder
+        C = f.n_mels * f.stack
+        self.frontend = FilterbankFrontend(f)
+        self.quantizer = Quantizer(q, C)
+        self.embed = nn.Sequential(nn.Linear(C, enc.dim), nn.LayerNorm(enc.dim), nn.Dropout(enc.dropout))
+        self.encoder = Transformer(enc)
+        if cfg.variant == "svqmae":
+            # the decoupled decoder: it alone reconstructs; dropped after pre-training
+            self.enc_to_dec = nn.Linear(enc.dim, dec.dim)
+            self.mask_embed = nn.Parameter(torch.randn(dec.dim) * 0.02)
+            self.decoder = Transformer(dec)
+            head_in = dec.dim
+        else:
+            # encoder-only ablation (BEST-RQ / HuBERT style): mask embedding inside the encoder
+            self.mask_embed = nn.Parameter(torch.randn(enc.dim) * 0.02)
+            head_in = enc.dim
+        self.head = nn.Linear(head_in, q.num_codebooks * q.codebook_size)
+        self.recon_head = nn.Linear(head_in, C) if cfg.recon_weight > 0 else None
+        self.apply(_init_weights)
+
+    @property
+    def downsample_rate(self) -> int:
+        """Input samples per output token."""
+        return self.frontend.hop * self.cfg.features.stack
+
+    @property
+    def has_decoder(self) -> bool:
+        return hasattr(self, "head")
+
+    def drop_decoder(self) -> SVQMAE:
+        """Remove everything only pre-training needs; the encoder is what remains."""
+        for name in ("enc_to_dec", "mask_embed", "decoder", "head", "recon_head"):
+            if hasattr(self, name):
+                delattr(self, name)
+        return self
+
+    # ---- pre-training forward, in three parts
+
+    def forward(
+        self, waves: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """One pre-training step's forward. waves: (B, S) 16 kHz; lengths: (B,) samples.
+        ``generator`` (CPU) draws the masks. Returns the loss and metrics (scalars)."""
+        tokens, tok_len = self.frontend(waves, lengths)  # (B, T, C), (B,)
+        B, T, _ = tokens.shape
+        codes = self.quantizer(tokens)  # (B, T, G) targets
+        m = self.cfg.mask
+        mask = span_mask(tok_len.cpu(), T, m.ratio, m.span, generator).to(tokens.device)  # (B, T)
+        if self.cfg.variant == "svqmae":
+            latent, idx, n_vis = self.forward_encoder(tokens, mask, tok_len)  # (B, V, D)
+            h = self.forward_decoder(latent, idx, n_vis, mask, tok_len)  # (M, E)
+        else:
+            h = self.forward_encoder_only(tokens, mask, tok_len)  # (M, D)
+        out = self.forward_loss(h, codes, tokens, mask)
+        valid = ~padding_mask(tok_len, T)
+        if self.training:
+            self.quantizer.update(tokens, codes, valid)
+        out.update(code_stats(codes, valid, self.cfg.quantizer.codebook_size))
+        out["visible_tokens"] = (valid & ~mask).sum().float()
+        out["tokens"] = valid.sum().float()
+        return out
+
+    def forward_encoder(self, tokens, mask, tok_len):
+        """Encoder on the visible tokens only, positioned by their original indices.
+        tokens: (B, T, C) -> latent (B, V, D), idx (B, V), n_vis (B,)."""
+        idx, n_vis = visible_index(mask, tok_len)  # (B, V), (B,)
+        x = torch.gather(tokens, 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, V, C)
+        x = self.embed(x)  # (B, V, D)
+        valid = ~padding_mask(n_vis, idx.shape[1])  # (B, V)
+        return self.encoder(x, idx, valid)[-1], idx, n_vis
+
+    def forward_decoder(self, latent, idx, n_vis, mask, tok_len):
+        """Put encoder outputs back in place, mask embedding elsewhere; decode; keep masked rows.
+        latent: (B, V, D) -> (M, E)."""
+        B, V, _ = latent.shape
+        T = mask.shape[1]
+        y = self.enc_to_dec(latent)  # (B, V, E)
+        E = y.shape[-1]
+        full = self.mask_embed.to(y.dtype).expand(B, T + 1, E).clone()  # (B, T+1, E); slot T is a sink
+        dest = idx.masked_fill(padding_mask(n_vis, V), T)  # padded visible slots land in the sink
+        full.scatter_(1, dest[..., None].expand(-1, -1, E), y)
+        pos = torch.arange(T, device=y.device).expand(B, T)
+        x = self.decoder(full[:, :T], pos, ~padding_mask(tok_len, T))[-1]  # (B, T, E)
+        return x[mask]  # (M, E)
+
+    def forward_encoder_only(self, tokens, mask, tok_len):
+        """Ablation: the encoder sees all tokens, masked ones replaced by the mask embedding. -> (M, D)"""
+        B, T, _ = tokens.shape
+        x = self.embed(tokens)  # (B, T, D)
+        x = torch.where(mask[..., None], self.mask_embed.to(x.dtype), x)
+        pos = torch.arange(T, device=x.device).expand(B, T)
+        return self.encoder(x, pos, ~padding_mask(tok_len, T))[-1][mask]
+
+    def forward_loss(self, h, codes, tokens, mask):
+        """Cross-entropy on the codes of the masked tokens (+ optional filterbank reconstruction).
+        h: (M, E); codes: (B, T, G); tokens: (B, T, C)."""
+        G, K = self.cfg.quantizer.num_codebooks, self.cfg.quantizer.codebook_size
+        logits = self.head(h).float().view(-1, G, K)  # (M, G, K)
+        target = codes[mask]  # (M, G)
+        ce = F.cross_entropy(logits.reshape(-1, K), target.reshape(-1))
+        out = {"ce": ce, "masked_acc": (logits.argmax(-1) == target).float().mean()}
+        loss = ce
+        if self.recon_head is not None:
+            out["recon"] = F.mse_loss(self.recon_head(h).float(), tokens[mask].float())
+            loss = loss + self.cfg.recon_weight * out["recon"]
+        out["loss"] = loss
+        return out
+
+    # ---- feature extraction: no masking, every token, every layer
+
+    def extract(
+        self, waves: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """waves: (B, S) float at 16 kHz; lengths: (B,) samples (default: all S).
+
+        Returns (hidden_states, token_lengths): the input embedding and one state per encoder layer,
+        each (B, T, D), and (B,) real tokens per utterance."""
+        if lengths is None:
+            lengths = torch.full((waves.shape[0],), waves.shape[1], dtype=torch.long, device=waves.device)
+        tokens, tok_len = self.frontend(waves, lengths)  # (B, T, C)
+        B, T, _ = tokens.shape
+        pos = torch.arange(T, device=waves.device).expand(B, T)
+        return self.encoder(self.embed(tokens), pos, ~padding_mask(tok_len, T)), tok_len
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
