@@ -1,8 +1,14 @@
-"""The ``svqmae`` command. Each subcommand lives in its own function; errors are one line."""
+"""The ``svqmae`` command.
+
+Each module listed in ``COMMAND_MODULES`` that exists provides ``add_cli(subparsers)`` and registers its
+own subcommands (with ``set_defaults(func=...)``). Known errors are printed as one line, exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
 
 from . import config as C
@@ -32,10 +38,10 @@ def cmd_pretrain(args) -> None:
     pretrain(args.data, args.out, _resolve(args))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="svqmae", description=__doc__)
-    sub = ap.add_subparsers(dest="command", required=True)
+COMMAND_MODULES = ("datacmd", "demo", "evaluate", "finetune", "interop")
 
+
+def add_pretrain_cli(sub) -> None:
     p = sub.add_parser("pretrain", help="self-supervised pre-training on unlabeled audio (resumes if --out has checkpoints)")
     p.add_argument("--data", action="append", required=True, metavar="SRC",
                    help="folder of audio, TSV/CSV manifest or lhotse manifest (repeatable)")
@@ -48,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "bf16", "32"])
     p.add_argument("--accumulate", type=int, help="gradient accumulation steps")
     p.set_defaults(func=cmd_pretrain)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="svqmae", description="SVQ-MAE speech pre-training toolkit")
+    sub = ap.add_subparsers(dest="command", required=True)
+    add_pretrain_cli(sub)
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(f"svqmae.{name}") is not None:
+            importlib.import_module(f"svqmae.{name}").add_cli(sub)
     return ap
 
 

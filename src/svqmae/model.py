@@ -168,6 +168,23 @@ class SVQMAE(nn.Module):
                 delattr(self, name)
         return self
 
+    # ---- Hugging Face-style persistence (see svqmae.api)
+
+    @classmethod
+    def from_pretrained(cls, path, with_decoder: bool = False, device="cpu") -> SVQMAE:
+        """Load from a ``model/`` folder, a run DIR or a checkpoint."""
+        from .api import load
+
+        return load(path, with_decoder=with_decoder, device=device)
+
+    def save_pretrained(self, path, card: dict | None = None):
+        """Write ``config.json``, ``model.safetensors`` and a model card ``README.md`` to ``path``."""
+        from .api import save_model
+        from .config import Config
+
+        cfg = getattr(self, "config", None) or Config(model=self.cfg)
+        return save_model(self, cfg, path, card)
+
     # ---- pre-training forward, in three parts
 
     def forward(
