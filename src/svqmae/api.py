@@ -1,13 +1,14 @@
 """Saving and loading models: a ``model/`` folder is all that is needed.
 
 Layout (Hugging Face style): ``config.json`` (the resolved svqmae config), ``model.safetensors``
-(weights; no pickled code anywhere), and a ``README.md`` model card.
+(weights; no pickled code anywhere), a ``README.md`` model card and the figures it shows.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,21 +35,31 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_model(model: SVQMAE, cfg: C.Config, out_dir: str | Path, card: dict | None = None) -> Path:
-    """Write ``config.json``, ``model.safetensors`` and ``README.md`` into ``out_dir`` (atomically each)."""
+def save_model(model: SVQMAE, cfg: C.Config, out_dir: str | Path, card: dict | None = None,
+               figures: list[str | Path] | tuple = ()) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and ``README.md`` into ``out_dir`` (atomically each).
+
+    ``card``: facts for the model card (training data, steps, ...); ``figures``: image files (e.g. the
+    training curves) copied next to the card and shown in it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for fig in map(Path, figures):
+        if fig.is_file():
+            if fig.resolve() != (out / fig.name).resolve():
+                shutil.copyfile(fig, out / fig.name)
+            names.append(fig.name)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = out / f".model.safetensors.tmp{os.getpid()}"
     save_file(state, str(tmp), metadata={"format": FORMAT})
     os.replace(tmp, out / "model.safetensors")
-    meta = {"format": FORMAT, "config": C.to_dict(cfg), "card": card or {}}
+    meta = {"format": FORMAT, "config": C.to_dict(cfg), "card": card or {}, "figures": names}
     _atomic_write_bytes(out / "config.json", json.dumps(meta, indent=2).encode())
-    _atomic_write_bytes(out / "README.md", _model_card(cfg, card or {}).encode())
+    _atomic_write_bytes(out / "README.md", _model_card(cfg, card or {}, names).encode())
     return out
 
 
-def _model_card(cfg: C.Config, card: dict) -> str:
+def _model_card(cfg: C.Config, card: dict, figures: list[str] = ()) -> str:
     e = cfg.model.encoder
     lines = [
         "---", "library_name: svqmae", "tags: [speech, self-supervised, svqmae]", "---", "",
@@ -61,6 +72,8 @@ def _model_card(cfg: C.Config, card: dict) -> str:
     ]
     for k, v in card.items():
         lines.append(f"- {k}: {v}")
+    if figures:
+        lines += ["", "## Training curves", ""] + [f"![{name}]({name})" for name in figures]
     lines += ["", "```python", "import svqmae", "model = svqmae.load('PATH')",
               "hidden_states, lengths = model.extract(waves_16k, lengths)", "```", ""]
     return "\n".join(lines)
@@ -132,6 +145,10 @@ def load(path: str | Path, with_decoder: bool = False, device: str | torch.devic
             f"{where}: weights do not match the config (missing {list(missing)[:4]}, unexpected {list(unexpected)[:4]})"
         )
     model.config = cfg
+    if not p.is_file():  # keep the card and figures, so that save_pretrained() round-trips them
+        meta = json.loads((p / "config.json").read_text())
+        model.card = meta.get("card", {})
+        model.figures = [p / name for name in meta.get("figures", []) if (p / name).is_file()]
     return model.to(device).eval()
 
 

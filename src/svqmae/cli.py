@@ -53,6 +53,9 @@ def add_pretrain_cli(sub) -> None:
     p.add_argument("--num-nodes", type=int)
     p.add_argument("--precision", choices=["auto", "bf16", "32"])
     p.add_argument("--accumulate", type=int, help="gradient accumulation steps")
+    from .resilience import add_fault_injection_arg
+
+    add_fault_injection_arg(p)  # --inject-fault KIND@STEP[:rankR] -> train.inject_faults
     p.set_defaults(func=cmd_pretrain)
 
 

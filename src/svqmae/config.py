@@ -91,6 +91,9 @@ class TrainConfig:
     ckpt_every_steps: int = 500
     ckpt_every_minutes: float = 10.0
     keep_last: int = 2
+    max_nonfinite: int = 5  # non-finite loss/gradients: each such step is skipped; this many in a row stop the run
+    ddp_timeout_minutes: float = 30.0  # a collective waiting longer (hung or dead rank) ends the whole job
+    inject_faults: list[str] = field(default_factory=list)  # testing: KIND@STEP[:rankR] (svqmae.resilience)
     devices: str = "auto"
     num_nodes: int = 1
     strategy: str = "auto"

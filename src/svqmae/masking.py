@@ -26,12 +26,13 @@ def num_masked(length: int, ratio: float) -> int:
 def span_mask(
     lengths: torch.Tensor, T: int, ratio: float, span: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """Exact-ratio span masking.
+    """Exact-ratio span masking, vectorized over the batch.
 
-    For each utterance of L tokens, exactly ``num_masked(L, ratio)`` tokens are masked, in
-    spans of ``span`` tokens (the last span may be shorter; spans may touch). The unmasked tokens are
-    spread over the gaps between and around spans uniformly at random (stars and bars), so every
-    layout with these spans is equally likely.
+    For each utterance of L tokens, exactly ``num_masked(L, ratio)`` = m tokens are masked, in
+    n = ceil(m / span) spans of ``span`` tokens (the last one may be shorter; spans may touch). The
+    L - m unmasked tokens are spread over the n + 1 gaps around the spans uniformly at random (stars
+    and bars: the n bars take a uniformly random subset of the L - m + n slots), so every layout of
+    these spans is equally likely.
 
     Args:
         lengths: (B,) number of real tokens per utterance (<= T).
@@ -42,24 +43,27 @@ def span_mask(
     Returns:
         (B, T) bool, True = masked. Padding is never masked.
     """
-    B = lengths.shape[0]
-    mask = torch.zeros(B, T, dtype=torch.bool)
-    for b, L in enumerate(lengths.tolist()):
-        m = num_masked(int(L), ratio)
-        if m == 0:
-            continue
-        n_spans = -(-m // span)  # ceil
-        span_lens = [span] * (n_spans - 1) + [m - span * (n_spans - 1)]
-        free = int(L) - m  # unmasked tokens to distribute over n_spans + 1 gaps
-        # stars and bars: choose n_spans bar positions among free + n_spans slots
-        bars = torch.randperm(free + n_spans, generator=generator)[:n_spans].sort().values.tolist()
-        pos, prev = 0, -1
-        for s, bar in enumerate(bars):
-            pos += bar - prev - 1  # gap before this span
-            mask[b, pos : pos + span_lens[s]] = True
-            pos += span_lens[s]
-            prev = bar
-    return mask.to(lengths.device)
+    device = lengths.device
+    L = lengths.cpu().long()
+    B = L.shape[0]
+    m = torch.tensor([num_masked(int(x), ratio) for x in L], dtype=torch.long)  # (B,)
+    n = -(-m // span)  # (B,) spans
+    slots = L - m + n  # (B,) stars + bars
+    S = max(int(slots.max()), 1) if B else 1
+    # a uniformly random n-subset of the slots: the n smallest of iid uniform keys
+    keys = torch.rand(B, S, generator=generator).masked_fill(torch.arange(S) >= slots[:, None], 2.0)
+    rank = keys.argsort(1).argsort(1)  # (B, S)
+    is_bar = rank < n[:, None]  # (B, S)
+    s = is_bar.long().cumsum(1) - 1  # index of each bar among its row's bars
+    start = torch.arange(S) - s + s * span  # stars before bar s, plus the s full spans before it
+    length = torch.where(s == n[:, None] - 1, m[:, None] - span * (n[:, None] - 1), torch.full_like(s, span))
+    # +1 at each span start, -1 at its end, then a running sum: > 0 inside a span
+    delta = torch.zeros(B, T + 1, dtype=torch.long)
+    ones = is_bar.long()
+    delta.scatter_add_(1, start.clamp(0, T) * is_bar, ones)
+    delta.scatter_add_(1, (start + length).clamp(0, T) * is_bar, -ones)
+    mask = delta.cumsum(1)[:, :T] > 0
+    return mask.to(device)
 
 
 def visible_index(mask: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

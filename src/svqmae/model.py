@@ -183,7 +183,8 @@ class SVQMAE(nn.Module):
         from .config import Config
 
         cfg = getattr(self, "config", None) or Config(model=self.cfg)
-        return save_model(self, cfg, path, card)
+        card = card if card is not None else getattr(self, "card", None)
+        return save_model(self, cfg, path, card, figures=getattr(self, "figures", ()))
 
     # ---- pre-training forward, in three parts
 

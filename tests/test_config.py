@@ -1,0 +1,59 @@
+import pytest
+
+from svqmae import config as C
+
+
+def test_defaults_presets_yaml_and_cli_resolve_in_order(tmp_path):
+    base = C.resolve()
+    assert base.preset == "base"
+    assert (base.model.encoder.layers, base.model.encoder.dim, base.model.encoder.heads,
+            base.model.encoder.ffn_dim) == (12, 768, 12, 3072)
+    tiny = C.resolve("tiny")
+    assert tiny.model.encoder.dim == 256 and tiny.train.max_steps == 2000
+    y = tmp_path / "o.yaml"
+    y.write_text("preset: small\nmodel:\n  encoder:\n    layers: 3\ntrain:\n  lr: 0.01\n")
+    cfg = C.resolve(None, [y], ["train.lr=0.5", "model.mask.ratio=0.6", "train.betas=0.9,0.95"])
+    assert cfg.preset == "small" and cfg.model.encoder.dim == 512  # preset named in the YAML
+    assert cfg.model.encoder.layers == 3  # YAML over preset
+    assert cfg.train.lr == 0.5  # command line over YAML
+    assert cfg.model.mask.ratio == 0.6 and cfg.train.betas == (0.9, 0.95)
+    assert C.resolve("tiny", [y]).preset == "tiny"  # --preset beats the YAML's preset
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    cfg = C.resolve("tiny", overrides=["model.variant=encoder_only", "model.quantizer.kind=learned"])
+    assert C.from_dict(C.to_dict(cfg)) == cfg
+    C.save_yaml(cfg, tmp_path / "c.yaml")
+    again = C.resolve(None, [tmp_path / "c.yaml"])
+    assert again == cfg
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.encoder.layerz=3", "unknown config key 'model.encoder.layerz'"),
+    ("model.mask.ratio=1.5", "model.mask.ratio"),
+    ("model.encoder.dim=90", "divisible by heads"),
+    ("model.encoder.dim=100", "head size must be even"),
+    ("train.lr=fast", "expects float"),
+    ("model.variant=bert", "model.variant"),
+    ("nokey", "expected key=value"),
+])
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(C.ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        C.resolve("tiny", overrides=[override])
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(C.ConfigError, match="bad.yaml"):
+        C.resolve(None, [bad])
+    with pytest.raises(C.ConfigError, match="missing.yaml: config file not found"):
+        C.resolve(None, [tmp_path / "missing.yaml"])
+    with pytest.raises(C.ConfigError, match="unknown preset"):
+        C.resolve("huge")
+
+
+def test_diff_lists_differing_model_fields():
+    a, b = C.resolve("tiny"), C.resolve("tiny", overrides=["model.encoder.layers=2"])
+    assert C.diff(a, b) == ["model.encoder.layers: 4 != 2"]
+    assert C.diff(a, C.resolve("tiny", overrides=["train.lr=1"])) == []

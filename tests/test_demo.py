@@ -1,0 +1,27 @@
+"""svqmae demo --quick: synthesize, pre-train, evaluate, print the table, write the plots."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+from svqmae import cli
+
+
+def test_demo_quick_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--quick"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").read_text().strip() in printed
+    assert (out / "corpus" / "pretrain.tsv").is_file() and (out / "pretrain" / "model" / "model.safetensors").is_file()
+    p = summary["pretrain"]
+    assert p["steps"] == 10 and len(p["loss"]) == 2 and "pre-training: 10 steps" in printed
+    assert (out / "plots" / "pretrain_curves.png").is_file() and (out / "plots" / "codebook_usage.png").is_file()
+    if importlib.util.find_spec("svqmae.evaluate") is not None:
+        got = {(r["task"].split(" (")[0], r["model"]) for r in summary["results"]}
+        assert got == {(t, m) for t in ("keyword spotting", "speaking style") for m in ("fbank", "svqmae")}
+        assert all(0.0 <= r["value"] <= 1.0 and r["metric"] == "accuracy" for r in summary["results"])
+        assert "| keyword spotting (12 classes) | accuracy |" in printed
+        assert (out / "plots" / "results.png").is_file()
+        assert len(list((out / "eval").glob("*.json"))) == 4
