@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
+from transformers.utils import logging as hf_logging
 
 # pre-training masking of the wav2vec 2.0 paper (HF's example passes these; the config default is for fine-tuning)
 PRETRAIN = dict(mask_time_prob=0.65, mask_time_length=10, mask_time_min_masks=2)
@@ -92,16 +92,20 @@ def wav2vec2_loss(model: Wav2Vec2ForPreTraining, waves: torch.Tensor, lengths: t
 
 def pretrain_wav2vec2(sources: list[str], out_dir: str | Path, minutes: float, size: str = "tiny",
                       device: str = "cpu", max_steps: int | None = None, lr: float = 5e-4, seed: int = 0) -> Path:
-    """Pre-train for ``minutes`` of wall-clock time (or ``max_steps``) with the batching of svqmae's preset of
-    the same name (audio seconds per batch, utterance crop, warm-up), AdamW (0.9, 0.98), clipping at 1.0,
-    cosine decay and Gumbel annealing (2 -> 0.5) over the time budget. Saves with ``save_pretrained``
-    (model and feature extractor), so ``hf:out_dir`` loads it. Returns ``out_dir``."""
+    """Pre-train for ``minutes`` of wall-clock time (and at most ``max_steps``) with the batching and learning-rate
+    schedule of svqmae's preset of the same name (audio seconds per batch, utterance crop, warm-up, cosine decay
+    over ``max_steps``; without it the horizon is 10^6 steps, so the time budget binds, as for
+    ``svqmae pretrain --max-minutes``), AdamW (0.9, 0.98), clipping at 1.0, HF's Gumbel temperature decay
+    (2 -> 0.5, x0.999995 per step). Saves with ``save_pretrained`` (model and feature extractor), so
+    ``hf:out_dir`` loads it. Returns ``out_dir``."""
     from svqmae import config as C
     from svqmae.data import Problems, load_sources, pretrain_loader
+    from svqmae.train import lr_lambda
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    t = C.resolve(size).train
+    t = C.resolve(size, overrides=[f"train.max_steps={max_steps or 10**6}"]).train
+    schedule = lr_lambda(t)
     torch.manual_seed(seed)
     cuts = load_sources(sources, Problems()).filter(lambda c: c.duration >= t.min_utt_seconds).to_eager()
     loader = pretrain_loader(cuts, t.max_batch_seconds, t.max_utt_seconds, t.num_buckets, t.num_workers, seed)
@@ -120,17 +124,14 @@ def pretrain_wav2vec2(sources: list[str], out_dir: str | Path, minutes: float, s
     while not done:
         loader.sampler.set_epoch(epoch)
         for batch in loader:
-            elapsed = time.monotonic() - t0
-            frac = min(1.0, elapsed / budget) if budget > 0 else step / max(max_steps or 1, 1)
-            if (budget > 0 and elapsed >= budget) or (max_steps is not None and step >= max_steps):
+            if (budget > 0 and time.monotonic() - t0 >= budget) or step >= t.max_steps:
                 done = True
                 break
             if batch["waves"].shape[0] == 0:
                 continue
-            warm = min(1.0, (step + 1) / t.warmup_steps)
             for g in opt.param_groups:
-                g["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-            model.set_gumbel_temperature(max(0.5, 2.0 * 0.25**frac))
+                g["lr"] = lr * schedule(step)
+            model.set_gumbel_temperature(max(0.5, 2.0 * 0.999995**step))
             with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
                 loss = wav2vec2_loss(model, batch["waves"].to(device), batch["lengths"].to(device), gen)
             opt.zero_grad(set_to_none=True)
@@ -149,6 +150,7 @@ def pretrain_wav2vec2(sources: list[str], out_dir: str | Path, minutes: float, s
                     f"{rec['elapsed_s'] / 60:.1f}/{minutes} min")
         epoch += 1
     metrics.close()
+    hf_logging.disable_progress_bar()
     model.eval().save_pretrained(out)
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
                              return_attention_mask=model.config.feat_extract_norm == "layer").save_pretrained(out)

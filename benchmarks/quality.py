@@ -51,8 +51,7 @@ def pretrain_svqmae(sources: list[Path], out: Path, minutes: float, device: str,
            "--max-minutes", str(minutes), "--set", f"model.variant={variant}"]
     for s in sources:
         cmd += ["--data", str(s)]
-    if steps:
-        cmd += ["--max-steps", str(steps)]
+    cmd += ["--max-steps", str(steps or 10**6)]  # without --steps only the time budget binds
     env = dict(os.environ)
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -110,7 +109,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/quality", help="output folder (models, reports, quality.md)")
     ap.add_argument("--minutes", type=float, default=30.0, help="pre-training budget per model (wall-clock)")
-    ap.add_argument("--steps", type=int, help="also cap pre-training at this many steps (and set svqmae's LR schedule)")
+    ap.add_argument("--steps", type=int, help="also cap pre-training at this many steps; both learning-rate "
+                    "schedules decay over them (default: no cap, the time budget binds)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--preset", default="tiny", help="svqmae preset (and the random baseline's)")
     ap.add_argument("--w2v-size", default="tiny", choices=["tiny", "base"], help="wav2vec 2.0 size (tiny = 4 x 256)")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from .conftest import harmonic_tone
 
 from svqmae import config as C
 from svqmae.api import CheckpointError, save_model
 from svqmae.model import SVQMAE
 from svqmae.upstreams import get_upstream
+
+from .conftest import harmonic_tone
 
 
 def _batch():
@@ -60,14 +61,15 @@ def test_svqmae_model_folder(tmp_path):
     _check_padding_aware(up)
 
 
-def tiny_wav2vec2(path):
-    """A tiny randomly initialized wav2vec 2.0 encoder saved as a local HF folder (no downloads)."""
+def tiny_wav2vec2(path, norm: str = "layer"):
+    """A tiny randomly initialized wav2vec 2.0 encoder saved as a local HF folder (no downloads).
+    ``norm="group"`` is the BASE-style front end, used without attention masks."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
     torch.manual_seed(0)
     cfg = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                          conv_dim=(16, 16), conv_stride=(10, 8), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
-                         num_conv_pos_embedding_groups=2, feat_extract_norm="layer")
+                         num_conv_pos_embedding_groups=2, feat_extract_norm=norm)
     Wav2Vec2Model(cfg).save_pretrained(path)
     return path
 
@@ -86,3 +88,4 @@ def test_bad_model_names_are_clear_errors(tmp_path):
         get_upstream(f"hf:{tmp_path / 'empty'}")
     with pytest.raises(C.ConfigError, match="seed"):
         get_upstream("random:tiny:x")
+

@@ -234,9 +234,10 @@ class FeatureStore:
     def _batches(self, items: list[Item]):
         items = sorted(items, key=lambda it: it.cut.duration)
         batch, longest = [], 0.0
+        single = not self.upstream.batch_invariant
         for it in items:
             longest = max(longest, it.cut.duration)
-            if batch and (len(batch) + 1) * longest > self.max_batch_seconds:
+            if batch and (single or (len(batch) + 1) * longest > self.max_batch_seconds):
                 yield batch
                 batch, longest = [], it.cut.duration
             batch.append(it)
@@ -546,12 +547,13 @@ def run_utterance(spec: TaskSpec, store: FeatureStore, train: list[Item], test: 
     Xdev_given = _stack_pooled(feats[len(pool):]) if dev else None
     y = torch.tensor([lab_index.get(it.label, -1) for it in pool])
 
+    pos = {id(it): i for i, it in enumerate(pool)}
     truth, pred, weights, runs = [], [], [], []
     for name, tr_idx, te_idx in splits:
         tr_items = [pool[i] for i in tr_idx]
         if folds:
-            check_labels(tr_items, [pool[i] for i in te_idx], f"{srcs['train']} without {name}", f"{name} of {srcs['train']}")
-        pos = {id(it): i for i, it in enumerate(pool)}
+            check_labels(tr_items, [pool[i] for i in te_idx], f"{srcs['train']} without {name}",
+                         f"{name} of {srcs['train']}")
         if dev is not None:
             fit_idx, Xdev, ydev, how = tr_idx, Xdev_given, torch.tensor([lab_index[it.label] for it in dev]), "given"
         else:
@@ -596,7 +598,7 @@ def run_ctc(store: FeatureStore, train: list[Item], test: list[Item] | None, dev
     Ttr = [_norm_text(it.text) for it in fit]
     Tdev = [_norm_text(it.text) for it in dev]
     Tte = [_norm_text(it.text) for it in test]
-    unseen = sorted({c for t in Tdev for c in t} - set(vocab))
+    unseen = sorted({c for t in Tdev + Tte for c in t} - set(vocab))
     if unseen:  # they count as errors, but the user should know
         log(f"  note: dev/test characters never seen in training: {''.join(unseen[:40])}")
     Fall = store.get(fit + dev + test, "frames")
@@ -688,18 +690,6 @@ def markdown_table(reports: list[dict]) -> str:
 # --------------------------------------------------------------------------- the API
 
 
-_UPSTREAMS: dict[tuple[str, str], Upstream] = {}
-
-
-def _upstream(model: str, device: str) -> Upstream:
-    """Upstreams are kept for the process: several tasks with one model load it once."""
-    key = (model, device)
-    if key not in _UPSTREAMS:
-        _UPSTREAMS.clear()  # hold one model at a time
-        _UPSTREAMS[key] = get_upstream(model, device)
-    return _UPSTREAMS[key]
-
-
 def _default_cache(out: str | Path | None) -> Path:
     if out is not None:
         return _report_path(out).parent / "features"
@@ -707,11 +697,12 @@ def _default_cache(out: str | Path | None) -> Path:
     return Path(base) / "svqmae" / "features"
 
 
-def evaluate(model: str, task: str, train: str, test: str | None = None, dev: str | None = None,
+def evaluate(model: str | Upstream, task: str, train: str, test: str | None = None, dev: str | None = None,
              out: str | None = None, **options) -> dict:
     """Evaluate frozen features of ``model`` on ``task`` the SUPERB way; returns the report.
 
-    ``model``: an svqmae model/run folder, ``fbank``, ``random[:PRESET]`` or ``hf:PATH``.
+    ``model``: an svqmae model/run folder, ``fbank``, ``random[:PRESET]`` or ``hf:PATH`` (or an
+    :class:`~svqmae.upstreams.Upstream` already loaded, to evaluate one model on several tasks).
     ``task``: ``classify`` / ``ks`` / ``er`` (label column) or ``asr`` (text column).
     ``out``: a ``.json`` path or a folder (then ``FOLDER/report.json``); plots go next to it.
     ``options``: see ``DEFAULTS`` (seed, epochs, lr, folds, fold_by, cache, device, ...).
@@ -727,7 +718,7 @@ def evaluate(model: str, task: str, train: str, test: str | None = None, dev: st
     train_items = load_items(train, task)
     test_items = load_items(test, task) if test else None
     dev_items = load_items(dev, task) if dev else None
-    upstream = _upstream(model, device)
+    upstream = model if isinstance(model, Upstream) else get_upstream(model, device)
     if o["progress"]:
         log(f"evaluate {task} with {upstream.name} ({upstream.num_layers} layers x {upstream.dim}): "
             f"train {len(train_items)}" + (f", test {len(test_items)}" if test_items else "")
@@ -743,7 +734,7 @@ def evaluate(model: str, task: str, train: str, test: str | None = None, dev: st
     finally:
         torch.random.set_rng_state(rng_state)
     report = {
-        "task": task, "model": model, **result, "upstream": upstream.describe(),
+        "task": task, "model": getattr(upstream, "spec", upstream.name), **result, "upstream": upstream.describe(),
         "data": srcs, "features": {"extracted": store.extracted, "from_cache": store.cached, "cache": str(store.root)},
         "options": {k: o[k] for k in ("seed", "epochs", "patience", "lr", "batch_size", "dev_fraction")},
         "seconds": round(time.monotonic() - t0, 1),
@@ -771,7 +762,7 @@ def _per_task(values: list[str] | None, tasks: list[str], flag: str) -> list[str
         return values * len(tasks)
     if len(values) != len(tasks):
         raise ConfigError(f"evaluate: give {flag} once, or once per --task ({len(tasks)} tasks, {len(values)} {flag})")
-    return values
+    return [None if v == "-" else v for v in values]  # "-": none for that task (e.g. er with --folds)
 
 
 def _run_name(model: str, task: str) -> str:
@@ -783,7 +774,7 @@ def _run_name(model: str, task: str) -> str:
 
 
 def cmd_evaluate(args) -> None:
-    tasks, models = args.task, args.model
+    tasks, models = args.task, list(dict.fromkeys(args.model))
     trains = _per_task(args.train, tasks, "--train")
     tests = _per_task(args.test, tasks, "--test")
     devs = _per_task(args.dev, tasks, "--dev")
@@ -797,9 +788,14 @@ def cmd_evaluate(args) -> None:
     if not single:
         options.setdefault("cache", str(out / "features"))
     reports = []
-    for m, t, tr, te, dv in runs:
-        dest = out if single else out / _run_name(m, t)
-        reports.append(evaluate(m, t, tr, te, dv, out=str(dest), **options))
+    device = options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    for m in models:
+        upstream = get_upstream(m, device)  # loaded once for all its tasks
+        for mm, t, tr, te, dv in runs:
+            if mm == m:
+                dest = out if single else out / _run_name(m, t)
+                reports.append(evaluate(upstream, t, tr, te, dv, out=str(dest), **options))
+        del upstream
     table = markdown_table(reports)
     print(table)
     table_path = (out.parent / f"{out.stem}.md") if single and out.suffix == ".json" else out / "results.md"
@@ -811,7 +807,7 @@ def add_cli(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="SUPERB-style evaluation of frozen features (keyword spotting, emotion, ASR, ...)",
         description="Frozen upstream, cached features, weighted sum of layers, small head; report.json with "
-                    "a 95%% bootstrap interval, plots, and a markdown table for several models or tasks.",
+                    "a 95% bootstrap interval, plots, and a markdown table for several models or tasks.",
     )
     p.add_argument("--model", action="append", required=True, metavar="M",
                    help="svqmae model/ or run DIR, fbank, random[:PRESET], or hf:PATH (repeatable)")
@@ -819,7 +815,7 @@ def add_cli(sub) -> None:
                    help="classify (label column), ks, er (SUPERB settings), asr (text column) (repeatable)")
     p.add_argument("--train", action="append", required=True, metavar="SRC",
                    help="training data: TSV manifest or folder (once, or once per --task)")
-    p.add_argument("--test", action="append", metavar="SRC", help="test data (once, or once per --task)")
+    p.add_argument("--test", action="append", metavar="SRC", help="test data (once, or once per --task; '-' for none, e.g. er with folds)")
     p.add_argument("--dev", action="append", metavar="SRC",
                    help="dev data for model selection (default: hold out part of train by speaker)")
     p.add_argument("--out", default="evaluation", metavar="PATH",
@@ -829,11 +825,13 @@ def add_cli(sub) -> None:
     p.add_argument("--fold-by", dest="fold_by", choices=["speaker", "session"],
                    help="fold groups (er default: session column if present, else speaker)")
     p.add_argument("--device", help="extraction device (default: cuda if available)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of heads, dev split and bootstrap (default 0)")
     p.add_argument("--epochs", type=int, help="max epochs of utterance heads (default 100)")
     p.add_argument("--asr-epochs", dest="asr_epochs", type=int, help="max epochs of the ASR head (default 40)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--dev-fraction", dest="dev_fraction", type=float)
+    p.add_argument("--asr-hidden", dest="asr_hidden", type=int, help="BiLSTM units per direction (default 256)")
+    p.add_argument("--lr", type=float, help="head learning rate (default 1e-3)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="utterance head batch size (default 32)")
+    p.add_argument("--dev-fraction", dest="dev_fraction", type=float,
+                   help="share of train held out by speaker when there is no --dev (default 0.1)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_evaluate)

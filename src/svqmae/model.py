@@ -46,8 +46,14 @@ class FilterbankFrontend(nn.Module):
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """waves: (B, S) float at 16 kHz; lengths: (B,) samples -> tokens (B, T, C), token lengths (B,)."""
         s = self.cfg.stack
+        # continue each utterance into its padding by mirroring its end, as the filterbank does at the
+        # edge of an unpadded signal: an utterance gets the same features alone or inside a batch
+        S = waves.shape[1]
+        j = torch.arange(S, device=waves.device)[None, :]  # (1, S)
+        src = torch.where(j < lengths[:, None], j, (2 * lengths[:, None] - 1 - j).clamp(min=0))
+        waves = torch.gather(waves.float(), 1, src)
         with torch.autocast(device_type=waves.device.type, enabled=False):
-            feats = self.fbank(waves.float())  # (B, N, F)
+            feats = self.fbank(waves)  # (B, N, F)
         B, N, Fb = feats.shape
         T = N // s
         tok_len = self.num_tokens(lengths).clamp(max=T)  # (B,)
@@ -216,9 +222,9 @@ class SVQMAE(nn.Module):
         """Encoder on the visible tokens only, positioned by their original indices.
         tokens: (B, T, C) -> latent (B, V, D), idx (B, V), n_vis (B,)."""
         idx, n_vis = visible_index(mask, tok_len)  # (B, V), (B,)
-        x = torch.gather(tokens, 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, V, C)
-        x = self.embed(x)  # (B, V, D)
         valid = ~padding_mask(n_vis, idx.shape[1])  # (B, V)
+        x = torch.gather(tokens, 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, V, C)
+        x = self.embed(x * valid[..., None])  # (B, V, D); padded slots carry nothing of any real token
         return self.encoder(x, idx, valid)[-1], idx, n_vis
 
     def forward_decoder(self, latent, idx, n_vis, mask, tok_len):

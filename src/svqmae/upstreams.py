@@ -63,6 +63,7 @@ class Upstream(nn.Module):
     num_layers: int
     dim: int
     frame_rate: float  # output frames per second
+    batch_invariant: bool = True  # an utterance's features do not depend on the padding of its batch
 
     @torch.no_grad()
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,8 +193,10 @@ class HFUpstream(Upstream):
         if (p / "preprocessor_config.json").is_file():
             prep = json.loads((p / "preprocessor_config.json").read_text())
         self.normalize = bool(prep.get("do_normalize", True))
-        # models with group norm in the conv front end were trained without attention masks
+        # models with group norm in the conv front end were trained without attention masks: padding would
+        # leak into their features, so they see one utterance at a time
         self.use_attention_mask = getattr(config, "feat_extract_norm", "layer") == "layer"
+        self.batch_invariant = self.use_attention_mask
         self.name = f"hf:{p.name}"
         self.key = f"hf-{_slug(p.name)}-{_weights_digest(self.model, str(self.normalize))}"
         self.num_layers = config.num_hidden_layers + 1
@@ -232,4 +235,5 @@ def get_upstream(spec: str, device: str | torch.device = "cpu") -> Upstream:
         up = load_svqmae(spec)
     for p in up.parameters():
         p.requires_grad_(False)
+    up.spec = spec  # the name it was asked by
     return up.to(device).eval()
