@@ -173,7 +173,8 @@ def main() -> None:
         steps["wav2vec 2.0 (HF)"] = json.loads((Path(w2v[3:]) / "pretrain.json").read_text())["steps"]
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs" + (
         f", {torch.cuda.get_device_name()}" if args.device == "cuda" and torch.cuda.is_available() else "")
-    note = (f"Pre-training: {args.minutes} min per model on {args.device} ({machine}); steps: "
+    budget = f"{args.minutes} min per model" if trained else "models given on the command line"
+    note = (f"Pre-training: {budget}; evaluation on {args.device} ({machine}); steps: "
             + ", ".join(f"{k} {v}" for k, v in steps.items())
             + f". Keyword spotting: 12 classes, speaker-disjoint halves ({ks_train.name} / {ks_test.name}); digits: "
             "fsdd, 3-fold cross-validation by speaker. Accuracy %, 95% bootstrap interval over test items.")

@@ -26,7 +26,8 @@ class CheckpointError(ValueError):
     """A path that is not a loadable svqmae model; the message names it and says why."""
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename: never a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -54,8 +55,8 @@ def save_model(model: SVQMAE, cfg: C.Config, out_dir: str | Path, card: dict | N
     save_file(state, str(tmp), metadata={"format": FORMAT})
     os.replace(tmp, out / "model.safetensors")
     meta = {"format": FORMAT, "config": C.to_dict(cfg), "card": card or {}, "figures": names}
-    _atomic_write_bytes(out / "config.json", json.dumps(meta, indent=2).encode())
-    _atomic_write_bytes(out / "README.md", _model_card(cfg, card or {}, names).encode())
+    atomic_write_bytes(out / "config.json", json.dumps(meta, indent=2).encode())
+    atomic_write_bytes(out / "README.md", _model_card(cfg, card or {}, names).encode())
     return out
 
 

@@ -21,14 +21,28 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override any config field, e.g. --set model.encoder.layers=6 (repeatable)")
 
 
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Budget and device flags shared by every training command (each sets a ``train.*`` field)."""
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--devices", help="GPUs per node (int), or auto")
+    p.add_argument("--num-nodes", type=int)
+    p.add_argument("--precision", choices=["auto", "bf16", "32"])
+    p.add_argument("--accumulate", type=int, help="gradient accumulation steps")
+
+
+ENGINE_FLAGS = (("max_steps", "train.max_steps"), ("max_minutes", "train.max_minutes"),
+                ("devices", "train.devices"), ("num_nodes", "train.num_nodes"),
+                ("precision", "train.precision"), ("accumulate", "train.accumulate"))
+
+
+def engine_overrides(args) -> list[str]:
+    """``--max-steps 5`` etc. as ``train.max_steps=5`` overrides, for the flags that were given."""
+    return [f"{key}={getattr(args, flag)}" for flag, key in ENGINE_FLAGS if getattr(args, flag, None) is not None]
+
+
 def _resolve(args) -> C.Config:
-    overrides = list(args.set)
-    for flag, key in (("max_steps", "train.max_steps"), ("max_minutes", "train.max_minutes"),
-                      ("devices", "train.devices"), ("num_nodes", "train.num_nodes"),
-                      ("precision", "train.precision"), ("accumulate", "train.accumulate")):
-        v = getattr(args, flag, None)
-        if v is not None:
-            overrides.append(f"{key}={v}")
+    overrides = list(args.set) + engine_overrides(args)
     return C.resolve(args.preset, args.config, overrides)
 
 
@@ -47,12 +61,7 @@ def add_pretrain_cli(sub) -> None:
                    help="folder of audio, TSV/CSV manifest or lhotse manifest (repeatable)")
     p.add_argument("--out", required=True, metavar="DIR")
     _add_config_args(p)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-minutes", type=float)
-    p.add_argument("--devices", help="GPUs per node (int), or auto")
-    p.add_argument("--num-nodes", type=int)
-    p.add_argument("--precision", choices=["auto", "bf16", "32"])
-    p.add_argument("--accumulate", type=int, help="gradient accumulation steps")
+    add_engine_args(p)
     from .resilience import add_fault_injection_arg
 
     add_fault_injection_arg(p)  # --inject-fault KIND@STEP[:rankR] -> train.inject_faults

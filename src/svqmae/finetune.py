@@ -825,14 +825,12 @@ def cmd_score(args) -> None:
 
 
 def cmd_finetune(args) -> None:
-    overrides = list(args.set)
-    for flag, key in (("units", "units.kind"), ("vocab_size", "units.vocab_size"), ("max_steps", "train.max_steps"),
-                      ("max_minutes", "train.max_minutes"), ("devices", "train.devices"),
-                      ("num_nodes", "train.num_nodes"), ("precision", "train.precision"),
-                      ("accumulate", "train.accumulate")):
-        v = getattr(args, flag, None)
-        if v is not None:
-            overrides.append(f"{key}={v}")
+    from .cli import engine_overrides
+
+    overrides = list(args.set) + engine_overrides(args)
+    for flag, key in (("units", "units.kind"), ("vocab_size", "units.vocab_size")):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
     finetune(args.model, args.train, args.dev, args.out, args.preset, args.config, overrides)
 
 
@@ -858,12 +856,9 @@ def add_cli(sub) -> None:
     p.add_argument("--config", action="append", default=[], metavar="YAML", help="YAML overrides (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting, e.g. --set ctc.freeze_steps=0 --set train.lr=1e-4 (repeatable)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-minutes", type=float)
-    p.add_argument("--devices", help="GPUs per node (int), or auto")
-    p.add_argument("--num-nodes", type=int)
-    p.add_argument("--precision", choices=["auto", "bf16", "32"])
-    p.add_argument("--accumulate", type=int, help="gradient accumulation steps")
+    from .cli import add_engine_args
+
+    add_engine_args(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("transcribe", help="transcribe audio files with a fine-tuned model (text per file on stdout)")

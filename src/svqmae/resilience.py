@@ -40,7 +40,7 @@ import torch
 import torch.utils.checkpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from .api import CheckpointError
+from .api import CheckpointError, atomic_write_bytes
 from .config import ConfigError
 
 
@@ -103,12 +103,7 @@ def _sha256(path: Path) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
