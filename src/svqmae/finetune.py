@@ -49,7 +49,16 @@ from .masking import padding_mask
 from .model import SVQMAE, FilterbankFrontend, _init_weights
 from .resilience import NonFiniteGuard, StopSignals
 from .text import build_units, load_units, normalize, words
-from .train import PeriodicCheckpoint, _fmt, latest_checkpoint, log, lr_lambda, quiet_lightning, trainer_kwargs
+from .train import (
+    PeriodicCheckpoint,
+    _fmt,
+    latest_checkpoint,
+    log,
+    lr_lambda,
+    quiet_lightning,
+    take_step_output,
+    trainer_kwargs,
+)
 
 CTC_FORMAT = "svqmae-ctc"
 BACKBONES = ("svqmae", "lstm")
@@ -533,13 +542,9 @@ class FinetuneLog(pl.Callback):
             f.write(json.dumps(rec) + "\n")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        for path, reason in batch["failed"]:
-            self.problems.add(path, reason)
-            log(f"skipped {reason}")
-        out = getattr(pl_module, "last_out", None)
+        out = take_step_output(pl_module, batch, self.problems)
         if out is None:
             return
-        pl_module.last_out = None
         self.audio += out["audio_seconds"]
         self.loss += out["loss"]
         self.n += 1

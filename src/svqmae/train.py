@@ -288,10 +288,7 @@ class ProgressLog(pl.Callback):
         path.write_text("".join(f"{line}\n" for line in keep))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        for path, reason in batch["failed"]:
-            self.problems.add(path, reason)
-            log(f"skipped {reason}")
-        out = getattr(pl_module, "last_out", None)
+        out = take_step_output(pl_module, batch, self.problems)
         if out is None:
             return
         self.audio += out["audio_seconds"]
@@ -299,7 +296,6 @@ class ProgressLog(pl.Callback):
             for k, v in out.items():
                 self.sums[k] = self.sums.get(k, 0.0) + v
             self.n += 1
-        pl_module.last_out = None
         step = trainer.global_step
         t = self.cfg.train
         if (batch_idx + 1) % t.accumulate or step % t.log_every:
@@ -347,6 +343,17 @@ class ProgressLog(pl.Callback):
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": trainer.global_step, **{k.replace("/", "_"): v for k, v in m.items()}}) + "\n")
             log(f"validation at step {trainer.global_step}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
+
+
+def take_step_output(pl_module, batch, problems: Problems) -> dict | None:
+    """Record the files a batch could not load (one log line each) and hand over the metrics the
+    module left for this step (None when the step produced none)."""
+    for path, reason in batch["failed"]:
+        problems.add(path, reason)
+        log(f"skipped {reason}")
+    out = getattr(pl_module, "last_out", None)
+    pl_module.last_out = None
+    return out
 
 
 def _fmt(seconds: float) -> str:
