@@ -97,7 +97,6 @@ class TrainConfig:
     devices: str = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
-    compile: bool = False
 
 
 @dataclass
