@@ -421,21 +421,54 @@ def split_heldout(cuts: CutSet, n: int) -> tuple[CutSet, CutSet]:
 
 
 class EpochBatches(torch.utils.data.Sampler):
-    """Wraps a lhotse sampler: yields (epoch, index, CutSet) so that crops are reproducible and a
-    resumed run can skip the batches it already trained on."""
+    """Wraps a lhotse sampler: one pass of (epoch, index, CutSet), so that crops are reproducible."""
 
     def __init__(self, sampler):
-        self.sampler, self.epoch, self.skip = sampler, 0, 0
+        self.sampler, self.epoch = sampler, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        skip, self.skip = self.skip, 0
         for i, cuts in enumerate(self.sampler):
-            if i >= skip:
-                yield self.epoch, i, cuts
+            yield self.epoch, i, cuts
+
+
+class EndlessBatches(EpochBatches):
+    """Epoch after epoch of (epoch, index, cuts) in one endless stream that starts at ``start`` (the
+    batch after the last one trained on). The data's epochs are the stream's own, not Lightning's:
+    Lightning sees a single endless epoch (``max_steps`` ends it), so a run resumed at any step, even
+    at an epoch boundary, reads exactly the batches the uninterrupted run would have read."""
+
+    def __init__(self, sampler, start: tuple[int, int] = (0, 0)):
+        super().__init__(sampler)
+        self.start = start
+
+    def set_epoch(self, epoch: int) -> None:
+        pass  # Lightning's epoch counter is not the data's
+
+    def __iter__(self):
+        epoch, skip = self.start
+        while True:
+            self.epoch = epoch
+            self.sampler.set_epoch(epoch)
+            n = 0
+            for i, cuts in enumerate(self.sampler):
+                n += 1
+                if i >= skip:
+                    yield epoch, i, cuts
+            if n == 0:
+                return  # nothing to train on
+            epoch, skip = epoch + 1, 0
+
+
+def batch_loader(dataset, sampler, num_workers: int, start: tuple[int, int] | None) -> torch.utils.data.DataLoader:
+    """A DataLoader over a lhotse sampler's batches: one pass (``start=None``, evaluation) or the endless
+    training stream from ``start`` = (epoch, index of the next batch)."""
+    stream = EpochBatches(sampler) if start is None else EndlessBatches(sampler, start)
+    return torch.utils.data.DataLoader(dataset, sampler=stream, batch_size=None, num_workers=num_workers,
+                                       prefetch_factor=4 if num_workers else None)
 
 
 class WaveformBatches(torch.utils.data.Dataset):
@@ -485,9 +518,11 @@ def _crop_view(cut, max_seconds: float):
 
 
 def pretrain_loader(cuts: CutSet, max_batch_seconds: float, max_utt_seconds: float, num_buckets: int,
-                    num_workers: int, seed: int, shuffle: bool = True) -> torch.utils.data.DataLoader:
+                    num_workers: int, seed: int, shuffle: bool = True,
+                    start: tuple[int, int] | None = None) -> torch.utils.data.DataLoader:
     """Duration-bucketed dynamic batches, DDP-aware (lhotse reads rank/world size when
-    torch.distributed is initialized), loaded in worker processes."""
+    torch.distributed is initialized), loaded in worker processes. One pass per epoch, or with
+    ``start`` the endless training stream from that (epoch, batch index) (see ``EndlessBatches``)."""
     # the sampler sees cropped durations, so a batch never holds more than max_batch_seconds of audio
     cropped = CutSet.from_cuts(_crop_view(c, max_utt_seconds) for c in cuts)
     if shuffle:
@@ -499,8 +534,4 @@ def pretrain_loader(cuts: CutSet, max_batch_seconds: float, max_utt_seconds: flo
             )
     else:
         sampler = DynamicCutSampler(cropped, max_duration=max_batch_seconds, shuffle=False)
-    ds = WaveformBatches(max_seconds=max_utt_seconds, seed=seed)
-    return torch.utils.data.DataLoader(
-        ds, sampler=EpochBatches(sampler), batch_size=None, num_workers=num_workers,
-        persistent_workers=False, prefetch_factor=4 if num_workers else None,
-    )
+    return batch_loader(WaveformBatches(max_seconds=max_utt_seconds, seed=seed), sampler, num_workers, start)

@@ -43,7 +43,7 @@ from torch import nn
 
 from . import config as C
 from .api import CheckpointError, save_model
-from .data import DataError, EpochBatches, Problems, WaveformBatches, load_cut, load_source
+from .data import DataError, Problems, WaveformBatches, batch_loader, load_cut, load_source
 from .decode import Decoder, greedy
 from .masking import padding_mask
 from .model import SVQMAE, FilterbankFrontend, _init_weights
@@ -419,17 +419,17 @@ class CTCBatches(WaveformBatches):
         return batch
 
 
-def ctc_loader(cuts: CutSet, t: C.TrainConfig, shuffle: bool) -> torch.utils.data.DataLoader:
+def ctc_loader(cuts: CutSet, t: C.TrainConfig, shuffle: bool,
+               start: tuple[int, int] | None = None) -> torch.utils.data.DataLoader:
     """Duration-bucketed dynamic batches (DDP-aware through lhotse), never cropped (CTC needs the
-    whole transcript)."""
+    whole transcript). One pass, or with ``start`` the endless training stream from that (epoch,
+    batch index) (see ``EndlessBatches``)."""
     if shuffle:
         sampler = DynamicBucketingSampler(cuts, max_duration=t.max_batch_seconds, shuffle=True, seed=t.seed,
                                           num_buckets=max(1, min(t.num_buckets, len(cuts) // 2)), drop_last=False)
     else:
         sampler = DynamicCutSampler(cuts, max_duration=t.max_batch_seconds, shuffle=False)
-    workers = t.num_workers if shuffle else 0
-    return torch.utils.data.DataLoader(CTCBatches(seed=t.seed), sampler=EpochBatches(sampler), batch_size=None,
-                                       num_workers=workers, prefetch_factor=4 if workers else None)
+    return batch_loader(CTCBatches(seed=t.seed), sampler, t.num_workers if shuffle else 0, start)
 
 
 # --------------------------------------------------------------------------- the lightning module
@@ -518,11 +518,8 @@ class FinetuneData(pl.LightningDataModule):
         self.cfg, self.train_cuts, self.dev_cuts, self.module = cfg, train_cuts, dev_cuts, module
 
     def train_dataloader(self):
-        loader = ctc_loader(self.train_cuts, self.cfg.train, shuffle=True)
         epoch, index = self.module.data_pos
-        if index >= 0 and epoch == self.trainer.current_epoch:
-            loader.sampler.skip = index + 1  # resume mid-epoch: skip what was already trained on
-        return loader
+        return ctc_loader(self.train_cuts, self.cfg.train, shuffle=True, start=(epoch, index + 1))
 
     def val_dataloader(self):
         return ctc_loader(self.dev_cuts, self.cfg.train, shuffle=False)
@@ -553,7 +550,7 @@ class FinetuneLog(pl.Callback):
             return
         now = time.monotonic()
         audio = float(trainer.strategy.reduce(torch.tensor(self.audio), reduce_op="sum"))
-        rec = {"step": step, "epoch": trainer.current_epoch, "loss": self.loss / max(self.n, 1),
+        rec = {"step": step, "epoch": pl_module.data_pos[0], "loss": self.loss / max(self.n, 1),
                "lr": trainer.optimizers[0].param_groups[0]["lr"], "frozen": out["frozen"],
                "audio_seconds_per_s": audio / max(now - self.t_last, 1e-9), "elapsed_s": now - self.t0}
         self.audio, self.loss, self.n, self.t_last = 0.0, 0.0, 0, now

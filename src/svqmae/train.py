@@ -29,7 +29,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from . import config as C
 from .api import CheckpointError, save_model
-from .data import DataError, EpochBatches, Problems, load_sources, pretrain_loader, split_heldout
+from .data import DataError, Problems, load_sources, pretrain_loader, split_heldout
 from .model import SVQMAE
 from .resilience import (
     OOM_ERRORS,
@@ -208,34 +208,6 @@ def _combine_outputs(outs: list[dict]) -> dict:
     return combined
 
 
-class EndlessBatches(EpochBatches):
-    """Epoch after epoch of (epoch, index, cuts) in one endless stream that starts at ``start`` (the
-    batch after the last one trained on). The data's epochs are the stream's own, not Lightning's:
-    Lightning sees a single endless epoch (``max_steps`` ends it), so a run resumed at any step, even
-    at an epoch boundary, reads exactly the batches the uninterrupted run would have read."""
-
-    def __init__(self, sampler, start: tuple[int, int] = (0, 0)):
-        super().__init__(sampler)
-        self.start = start
-
-    def set_epoch(self, epoch: int) -> None:
-        pass  # Lightning's epoch counter is not the data's
-
-    def __iter__(self):
-        epoch, skip = self.start
-        while True:
-            self.epoch = epoch
-            self.sampler.set_epoch(epoch)
-            n = 0
-            for i, cuts in enumerate(self.sampler):
-                n += 1
-                if i >= skip:
-                    yield epoch, i, cuts
-            if n == 0:
-                return  # nothing to train on
-            epoch, skip = epoch + 1, 0
-
-
 class PretrainData(pl.LightningDataModule):
     def __init__(self, cfg: C.Config, train_cuts, val_cuts, module: PretrainModule):
         super().__init__()
@@ -243,12 +215,9 @@ class PretrainData(pl.LightningDataModule):
 
     def train_dataloader(self):
         t = self.cfg.train
-        loader = pretrain_loader(self.train_cuts, t.max_batch_seconds, t.max_utt_seconds, t.num_buckets,
-                                 t.num_workers, t.seed, shuffle=True)
         epoch, index = self.module.data_pos
-        stream = EndlessBatches(loader.sampler.sampler, start=(epoch, index + 1))
-        return torch.utils.data.DataLoader(loader.dataset, sampler=stream, batch_size=None,
-                                           num_workers=loader.num_workers, prefetch_factor=loader.prefetch_factor)
+        return pretrain_loader(self.train_cuts, t.max_batch_seconds, t.max_utt_seconds, t.num_buckets,
+                               t.num_workers, t.seed, shuffle=True, start=(epoch, index + 1))
 
     def val_dataloader(self):
         t = self.cfg.train
