@@ -28,6 +28,18 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
     assert again == cfg
 
 
+def test_saved_configs_with_retired_keys_still_load(tmp_path):
+    d = C.to_dict(C.resolve("tiny"))
+    d["train"]["compile"] = False  # written by an earlier version
+    assert C.from_dict(d) == C.resolve("tiny")
+    d["train"]["nonsense"] = 1
+    with pytest.raises(C.ConfigError, match="nonsense"):
+        C.from_dict(d)
+    (tmp_path / "user.yaml").write_text("train:\n  compile: true\n")
+    with pytest.raises(C.ConfigError, match="compile"):  # but a user's YAML may not use them
+        C.resolve("tiny", [tmp_path / "user.yaml"])
+
+
 @pytest.mark.parametrize("override,needle", [
     ("model.encoder.layerz=3", "unknown config key 'model.encoder.layerz'"),
     ("model.mask.ratio=1.5", "model.mask.ratio"),
@@ -35,6 +47,7 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
     ("model.encoder.dim=100", "head size must be even"),
     ("train.lr=fast", "expects float"),
     ("model.variant=bert", "model.variant"),
+    ("model.decoder_conv=8", "odd kernel size"),
     ("nokey", "expected key=value"),
 ])
 def test_bad_overrides_name_the_key(override, needle):

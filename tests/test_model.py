@@ -92,6 +92,21 @@ def test_forward_returns_loss_and_metrics_and_padding_does_not_leak():
         assert torch.allclose(a[2, :n], b[0, :n], atol=1e-4)
 
 
+def test_decoder_output_does_not_depend_on_batch_padding():
+    model = SVQMAE(tiny_cfg().model).eval()
+    assert model.dec_conv is not None and model.dec_conv.kernel_size == (15,)
+    waves, lengths = batch()
+    tokens, tok_len = model.frontend(waves, lengths)
+    mask = span_mask(tok_len, tokens.shape[1], 0.7, 3, torch.Generator().manual_seed(1))
+    n = int(tok_len[2])
+    with torch.no_grad():
+        h = model.forward_decoder(*model.forward_encoder(tokens, mask, tok_len), mask, tok_len)
+        one = (tokens[2:3, :n], mask[2:3, :n], tok_len[2:3])
+        alone = model.forward_decoder(*model.forward_encoder(*one), one[1], one[2])
+    assert alone.shape[0] == int(mask[2].sum())
+    assert torch.allclose(h[-alone.shape[0]:], alone, atol=1e-5)  # the last utterance's masked rows
+
+
 def test_extract_returns_every_layer():
     model = SVQMAE(tiny_cfg().model).drop_decoder().eval()
     assert not model.has_decoder and not hasattr(model, "decoder")

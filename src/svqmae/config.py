@@ -64,6 +64,9 @@ class ModelConfig:
     decoder: TransformerConfig = field(
         default_factory=lambda: TransformerConfig(layers=4, dim=384, heads=6, ffn_dim=1536)
     )
+    # kernel (tokens, odd) of a depthwise convolution over the decoder's input grid, before its first block:
+    # it spreads each visible token's content onto the masked slots around it (15 x 40 ms = 0.6 s); 0 = none
+    decoder_conv: int = 15
     recon_weight: float = 0.0  # weight of the optional filterbank-reconstruction loss on masked tokens
 
 
@@ -191,10 +194,26 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return fix(d)
 
 
-def from_dict(d: dict[str, Any], source: str = "config") -> Config:
-    """Build a Config from a (possibly partial) nested dict; unknown keys are errors."""
-    cfg = Config()
+# keys that earlier versions wrote into saved configs and that no longer mean anything: a model or
+# checkpoint saved by those versions still loads (the key is dropped); in a user's YAML they are errors
+RETIRED_KEYS = {"train.compile"}
+
+
+def _drop_retired(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
     for k, v in d.items():
+        path = f"{prefix}{k}"
+        if path in RETIRED_KEYS:
+            continue
+        out[k] = _drop_retired(v, path + ".") if isinstance(v, dict) else v
+    return out
+
+
+def from_dict(d: dict[str, Any], source: str = "config") -> Config:
+    """Build a Config from a saved (possibly partial) nested dict; unknown keys are errors, except
+    ``RETIRED_KEYS`` (written by earlier versions), which are dropped."""
+    cfg = Config()
+    for k, v in _drop_retired(d).items():
         _set_path(cfg, k, v, source)
     validate(cfg, source)
     return cfg
@@ -257,6 +276,8 @@ def validate(cfg: Config, source: str) -> None:
     need(0.0 < m.mask.ratio < 1.0, f"model.mask.ratio must be in (0, 1), got {m.mask.ratio}")
     need(m.mask.span >= 1, "model.mask.span must be >= 1")
     need(m.features.stack >= 1, "model.features.stack must be >= 1")
+    need(m.decoder_conv == 0 or (m.decoder_conv > 0 and m.decoder_conv % 2 == 1),
+         f"model.decoder_conv must be 0 (none) or an odd kernel size, got {m.decoder_conv}")
     need(m.quantizer.codebook_size >= 2, "model.quantizer.codebook_size must be >= 2")
     for name, tc in (("encoder", m.encoder), ("decoder", m.decoder)):
         need(tc.layers >= 1, f"model.{name}.layers must be >= 1")

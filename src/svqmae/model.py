@@ -148,6 +148,8 @@ class SVQMAE(nn.Module):
             # the decoupled decoder: it alone reconstructs; dropped after pre-training
             self.enc_to_dec = nn.Linear(enc.dim, dec.dim)
             self.mask_embed = nn.Parameter(torch.randn(dec.dim) * 0.02)
+            k = cfg.decoder_conv
+            self.dec_conv = nn.Conv1d(dec.dim, dec.dim, k, padding=k // 2, groups=dec.dim) if k else None
             self.decoder = Transformer(dec)
             head_in = dec.dim
         else:
@@ -169,7 +171,7 @@ class SVQMAE(nn.Module):
 
     def drop_decoder(self) -> SVQMAE:
         """Remove everything only pre-training needs; the encoder is what remains."""
-        for name in ("enc_to_dec", "mask_embed", "decoder", "head", "recon_head"):
+        for name in ("enc_to_dec", "mask_embed", "dec_conv", "decoder", "head", "recon_head"):
             if hasattr(self, name):
                 delattr(self, name)
         return self
@@ -238,7 +240,12 @@ class SVQMAE(nn.Module):
         dest = idx.masked_fill(padding_mask(n_vis, V), T)  # padded visible slots land in the sink
         full.scatter_(1, dest[..., None].expand(-1, -1, E), y)
         pos = torch.arange(T, device=y.device).expand(B, T)
-        x = self.decoder(full[:, :T], pos, ~padding_mask(tok_len, T))[-1]  # (B, T, E)
+        valid = ~padding_mask(tok_len, T)  # (B, T)
+        x = full[:, :T]
+        if self.dec_conv is not None:  # local context: spreads visible content onto neighbouring masked slots
+            x = x * valid[..., None]
+            x = x + F.gelu(self.dec_conv(x.transpose(1, 2)).transpose(1, 2))
+        x = self.decoder(x, pos, valid)[-1]  # (B, T, E)
         return x[mask]  # (M, E)
 
     def forward_encoder_only(self, tokens, mask, tok_len):
