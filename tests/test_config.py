@@ -38,6 +38,9 @@ def test_saved_configs_with_retired_keys_still_load(tmp_path):
     (tmp_path / "user.yaml").write_text("train:\n  compile: true\n")
     with pytest.raises(C.ConfigError, match="compile"):  # but a user's YAML may not use them
         C.resolve("tiny", [tmp_path / "user.yaml"])
+    del d["train"]["nonsense"], d["model"]["decoder_conv"]  # saved before the decoder had a convolution
+    assert C.from_dict(d).model.decoder_conv == 0
+    assert C.resolve("tiny").model.decoder_conv == 15
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -209,11 +209,20 @@ def _drop_retired(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# keys added later, with the value that reproduces what a model saved before them did
+ADDED_KEYS = {("model", "decoder_conv"): 0}
+
+
 def from_dict(d: dict[str, Any], source: str = "config") -> Config:
-    """Build a Config from a saved (possibly partial) nested dict; unknown keys are errors, except
-    ``RETIRED_KEYS`` (written by earlier versions), which are dropped."""
+    """Build a Config from a saved nested dict; unknown keys are errors, except ``RETIRED_KEYS``
+    (written by earlier versions), which are dropped. A saved section that lacks a key of
+    ``ADDED_KEYS`` predates it and gets the old behaviour."""
     cfg = Config()
-    for k, v in _drop_retired(d).items():
+    d = _drop_retired(d)
+    for (section, key), old in ADDED_KEYS.items():
+        if isinstance(d.get(section), dict) and key not in d[section]:
+            d[section] = {**d[section], key: old}
+    for k, v in d.items():
         _set_path(cfg, k, v, source)
     validate(cfg, source)
     return cfg
