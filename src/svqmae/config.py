@@ -194,36 +194,35 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return fix(d)
 
 
-# keys that earlier versions wrote into saved configs and that no longer mean anything: a model or
-# checkpoint saved by those versions still loads (the key is dropped); in a user's YAML they are errors
+# Saved configs (checkpoints, model folders, fine-tuning metadata) may come from earlier versions.
+# RETIRED_KEYS: written by those versions, meaningless now; dropped on load (in a user's YAML they are errors).
+# ADDED_KEYS: added since, with the value that reproduces what a model saved before them did.
 RETIRED_KEYS = {"train.compile"}
+ADDED_KEYS = {"model.decoder_conv": 0}
 
 
-def _drop_retired(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        path = f"{prefix}{k}"
-        if path in RETIRED_KEYS:
-            continue
-        out[k] = _drop_retired(v, path + ".") if isinstance(v, dict) else v
-    return out
+def apply_saved(cfg: Any, d: dict[str, Any], source: str) -> None:
+    """Set the values of a saved nested dict ``d`` on ``cfg`` (a Config or a dataclass holding the same
+    sections): unknown keys are errors, except ``RETIRED_KEYS``; a section lacking a key of
+    ``ADDED_KEYS`` predates it and gets the old behaviour."""
 
+    def upgrade(node: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out = {k: upgrade(v, f"{prefix}{k}.") if isinstance(v, dict) else v
+               for k, v in node.items() if f"{prefix}{k}" not in RETIRED_KEYS}
+        for path, old in ADDED_KEYS.items():
+            parent, _, key = path.rpartition(".")
+            if parent + "." == prefix and key not in out:
+                out[key] = old
+        return out
 
-# keys added later, with the value that reproduces what a model saved before them did
-ADDED_KEYS = {("model", "decoder_conv"): 0}
+    for k, v in upgrade(d, "").items():
+        _set_path(cfg, k, v, source)
 
 
 def from_dict(d: dict[str, Any], source: str = "config") -> Config:
-    """Build a Config from a saved nested dict; unknown keys are errors, except ``RETIRED_KEYS``
-    (written by earlier versions), which are dropped. A saved section that lacks a key of
-    ``ADDED_KEYS`` predates it and gets the old behaviour."""
+    """Build a Config from a saved nested dict (see :func:`apply_saved`)."""
     cfg = Config()
-    d = _drop_retired(d)
-    for (section, key), old in ADDED_KEYS.items():
-        if isinstance(d.get(section), dict) and key not in d[section]:
-            d[section] = {**d[section], key: old}
-    for k, v in d.items():
-        _set_path(cfg, k, v, source)
+    apply_saved(cfg, d, source)
     validate(cfg, source)
     return cfg
 

@@ -320,8 +320,7 @@ def save_recognizer(model: CTCModel, units, cfg: FinetuneConfig, out: Path, card
 
 def _finetune_config_from_dict(d: dict, source: str) -> FinetuneConfig:
     cfg = FinetuneConfig()
-    for k, v in C._drop_retired(d).items():
-        C._set_path(cfg, k, v, source)
+    C.apply_saved(cfg, d, source)
     validate_finetune(cfg, source)
     return cfg
 
