@@ -71,8 +71,10 @@ def split_by_speaker(manifest: Path, out: Path, seed: int = 0) -> dict[str, Path
 
 def run_arm(arm: str, pretrained: str | None, preset: str | None, split: dict[str, Path], out: Path,
             overrides: list[str]) -> dict:
-    from svqmae.decode import Decoder
-    from svqmae.finetune import finetune, load_recognizer, score
+    from svqmae.tasks.decode import Decoder
+    from svqmae.tasks.finetune import finetune
+    from svqmae.tasks.recognizer import load_recognizer
+    from svqmae.tasks.transcribe import score
 
     model = {"pretrained": pretrained, "random": "random", "fbank": "fbank"}[arm]
     t0 = time.monotonic()

@@ -100,7 +100,7 @@ def pretrain_wav2vec2(sources: list[str], out_dir: str | Path, minutes: float, s
     ``hf:out_dir`` loads it. Returns ``out_dir``."""
     from svqmae import config as C
     from svqmae.data import Problems, load_sources, pretrain_loader
-    from svqmae.train import lr_lambda
+    from svqmae.engine.schedules import lr_lambda
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from svqmae.data import load_source  # noqa: E402
-from svqmae.evaluate import evaluate, markdown_table  # noqa: E402
+from svqmae.tasks.evaluate import evaluate, markdown_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data"

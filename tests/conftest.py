@@ -9,6 +9,8 @@ import pytest
 import soundfile as sf
 import torch
 
+from svqmae.model import save_model
+
 torch.set_num_threads(2)
 
 
@@ -84,6 +86,11 @@ def write_spelled_set(folder: Path, n: int = 16, seed: int = 0, letters: dict[st
     return folder / "manifest.tsv"
 
 
+# fine-tuning settings that make a tiny CTC model learn in a few dozen steps on write_spelled_set data
+FINETUNE_FAST = ["train.max_batch_seconds=8", "train.max_utt_seconds=4", "train.lr=3e-3", "train.log_every=5",
+                 "train.val_every=20", "train.ckpt_every_steps=10", "train.num_workers=0", "ctc.freeze_steps=6",
+                 "specaug.freq_mask_width=8"]
+
 TINY_MODEL_OVERRIDES = ["model.encoder.layers=2", "model.encoder.dim=64", "model.encoder.heads=2",
                         "model.encoder.ffn_dim=128", "model.decoder.layers=1", "model.decoder.dim=32",
                         "model.decoder.heads=2", "model.decoder.ffn_dim=64", "model.quantizer.codebook_size=32"]
@@ -97,3 +104,28 @@ def tiny_model(seed: int = 0):
     cfg = C.resolve("tiny", overrides=TINY_MODEL_OVERRIDES)
     torch.manual_seed(seed)
     return SVQMAE(cfg.model).eval(), cfg
+
+
+def waves_batch(seconds=(1.0, 0.7), seed=0):
+    """A zero-padded batch of harmonic tones of ``seconds`` and its lengths."""
+    xs = [torch.from_numpy(harmonic_tone(s, f0=110 + 40 * i, seed=seed + i)) for i, s in enumerate(seconds)]
+    lengths = torch.tensor([len(x) for x in xs])
+    return torch.nn.utils.rnn.pad_sequence(xs, batch_first=True), lengths
+
+
+def extract_no_grad(model, waves, lengths):
+    with torch.no_grad():
+        return model.extract(waves, lengths)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A saved tiny model folder (with a card and a figure, as ``svqmae pretrain`` writes it) and the model."""
+    model, cfg = tiny_model(seed=1)
+    fig = tmp_path / "plots" / "pretrain.png"
+    fig.parent.mkdir()
+    fig.write_bytes(b"\x89PNG\r\n\x1a\n")  # any image file: save_pretrained copies it next to the card
+    # as svqmae pretrain saves its model
+    save_model(model, cfg, tmp_path / "run" / "model",
+               card={"training data": "/data/fsdd", "steps": 30, "final training loss": "5.1"}, figures=[fig])
+    return tmp_path / "run" / "model", model

@@ -2,10 +2,9 @@ import pytest
 import torch
 
 import svqmae
-from svqmae.api import CheckpointError, load_config, save_model
-from svqmae.model import SVQMAE
+from svqmae.model import SVQMAE, CheckpointError, load_config, save_model
 from tests.conftest import harmonic_tone
-from tests.test_model import tiny_cfg
+from tests.model.test_svqmae import tiny_cfg
 
 
 def test_save_load_round_trip_gives_identical_features(tmp_path):

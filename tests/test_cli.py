@@ -1,6 +1,7 @@
 import pytest
 
 from svqmae import cli
+from svqmae.engine.args import resolve_args
 
 
 def _err(capsys) -> str:
@@ -30,6 +31,6 @@ def test_bad_input_is_one_line_naming_the_problem(tmp_path, capsys, argv, needle
 def test_engine_flags_become_train_overrides():
     args = cli.build_parser().parse_args(["pretrain", "--data", "x", "--out", "y", "--max-steps", "7",
                                           "--max-minutes", "1.5", "--accumulate", "4", "--preset", "tiny"])
-    cfg = cli._resolve(args)
+    cfg = resolve_args(args)
     assert (cfg.train.max_steps, cfg.train.max_minutes, cfg.train.accumulate) == (7, 1.5, 4)
     assert cfg.preset == "tiny"

@@ -3,10 +3,14 @@
 Resolution order (later wins): dataclass defaults -> preset -> YAML file(s) -> ``--set key=value``.
 Keys are dotted paths into the tree, e.g. ``model.encoder.layers=6`` or ``train.lr=3e-4``.
 The resolved config is written as YAML next to every run and inside every checkpoint.
+
+Two trees: ``Config`` (pre-training: model + train) and ``FinetuneConfig`` (CTC fine-tuning: model +
+train + units + specaug + ctc), each with its presets. This module imports nothing of svqmae.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +100,7 @@ class TrainConfig:
     keep_last: int = 2
     max_nonfinite: int = 5  # non-finite loss/gradients: each such step is skipped; this many in a row stop the run
     ddp_timeout_minutes: float = 30.0  # a collective waiting longer (hung or dead rank) ends the whole job
-    inject_faults: list[str] = field(default_factory=list)  # testing: KIND@STEP[:rankR] (svqmae.resilience)
+    inject_faults: list[str] = field(default_factory=list)  # testing: KIND@STEP[:rankR] (svqmae.engine.faults)
     devices: str = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
@@ -248,6 +252,19 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def apply_overrides(cfg: Any, docs: list[tuple[str, dict]], overrides: list[str] | tuple) -> None:
+    """YAML documents ``(source, dict)`` in order (their ``preset`` key aside), then ``key=value`` items."""
+    for src, d in docs:
+        for k, v in d.items():
+            if k != "preset":
+                _set_path(cfg, k, v, src)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        _set_path(cfg, k.strip(), yaml.safe_load(v), f"--set {k.strip()}")
+
+
 def resolve(
     preset: str | None = None,
     yaml_files: list[str | Path] | tuple = (),
@@ -259,15 +276,7 @@ def resolve(
     # a YAML file may name its preset; the command line's --preset wins
     name = preset or next((d["preset"] for _, d in reversed(docs) if "preset" in d), None) or "base"
     apply_preset(cfg, name)
-    for src, d in docs:
-        for k, v in d.items():
-            if k != "preset":
-                _set_path(cfg, k, v, src)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        k, v = item.split("=", 1)
-        _set_path(cfg, k.strip(), yaml.safe_load(v), f"--set {k.strip()}")
+    apply_overrides(cfg, docs, overrides)
     validate(cfg, "config")
     return cfg
 
@@ -314,3 +323,120 @@ def diff(a: Config, b: Config, prefix: str = "model") -> list[str]:
 
     walk(da, db, prefix)
     return out
+
+
+# --------------------------------------------------------------------------- CTC fine-tuning
+
+
+@dataclass
+class UnitsConfig:
+    kind: str = "char"  # "char": characters of the training transcripts | "bpe": a sentencepiece model
+    vocab_size: int = 300  # bpe only (an upper bound on tiny data)
+    min_count: int = 1  # char only: characters seen fewer times in training map to <unk>
+    lowercase: bool = True
+
+
+@dataclass
+class SpecAugConfig:
+    time_mask_prob: float = 0.04  # masks per token (each starts a span of up to time_mask_width tokens)
+    time_mask_width: int = 5  # tokens (5 x 40 ms = 0.2 s at 25 Hz)
+    freq_masks: int = 2  # masks per utterance over the mel bins (same bins in every stacked frame)
+    freq_mask_width: int = 15  # mel bins, at most
+
+
+@dataclass
+class CTCConfig:
+    freeze_steps: int = 1000  # the encoder is frozen (head only) for the first N steps; pre-trained models only
+    schedule: str = "tristage"  # "tristage" (warm-up, hold, exponential decay) | "cosine" (train.warmup_steps)
+    stages: tuple[float, float, float] = (0.1, 0.4, 0.5)  # tri-stage shares of max_steps
+    final_lr_ratio: float = 0.05  # tri-stage: lr at the end, as a share of train.lr
+    head_dropout: float = 0.1  # dropout on the encoder output before the CTC head
+    upsample: int = 1  # CTC frames per token: 2 doubles the label rate (long transcripts at 25 Hz)
+    lstm_layers: int = 3  # the fbank baseline's BiLSTM
+    lstm_dim: int = 0  # its width (both directions); 0: the preset's encoder width
+
+
+@dataclass
+class FinetuneConfig:
+    preset: str = "base"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    units: UnitsConfig = field(default_factory=UnitsConfig)
+    specaug: SpecAugConfig = field(default_factory=SpecAugConfig)
+    ctc: CTCConfig = field(default_factory=CTCConfig)
+
+
+# fine-tuning defaults per preset (the architecture comes from the pre-trained model, or from the
+# pre-training preset of the same name for --model random/fbank)
+FT_PRESETS: dict[str, dict] = {
+    "tiny": {
+        # small batches: more updates per CPU minute
+        "train": dict(lr=5e-4, warmup_steps=50, max_steps=2000, max_batch_seconds=60.0, max_utt_seconds=20.0,
+                      val_every=200, log_every=10, ckpt_every_steps=200,
+                      ckpt_every_minutes=2.0, num_workers=1, weight_decay=0.0),
+        "ctc": dict(freeze_steps=50),
+    },
+    "small": {
+        "train": dict(lr=1e-4, warmup_steps=500, max_steps=20_000, max_batch_seconds=200.0, max_utt_seconds=30.0,
+                      val_every=1000, ckpt_every_steps=1000, weight_decay=0.0),
+        "ctc": dict(freeze_steps=1000),
+    },
+    # wav2vec 2.0 BASE's fine-tuning recipe (100 h): lr 3e-5..5e-5, 200 s of audio per GPU, tri-stage
+    "base": {
+        "train": dict(lr=5e-5, warmup_steps=2000, max_steps=40_000, max_batch_seconds=200.0, max_utt_seconds=30.0,
+                      val_every=1000, ckpt_every_steps=1000, weight_decay=0.0),
+        "ctc": dict(freeze_steps=5000),
+    },
+}
+
+
+def resolve_finetune(preset: str | None = None, model_cfg: Config | None = None,
+                     yaml_files: list[str] | tuple = (), overrides: list[str] | tuple = ()) -> FinetuneConfig:
+    """defaults -> fine-tuning preset (+ the architecture: ``model_cfg``'s, else the pre-training
+    preset's) -> YAML files -> ``key=value`` overrides. With a pre-trained ``model_cfg`` only the
+    dropout of the architecture may be overridden."""
+    cfg = FinetuneConfig()
+    docs = [(str(f), load_yaml(f)) for f in yaml_files]
+    name = (model_cfg.preset if model_cfg is not None else None) or preset or next(
+        (d["preset"] for _, d in reversed(docs) if "preset" in d), None) or "base"
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
+    cfg.preset = name
+    if model_cfg is not None:
+        cfg.model = copy.deepcopy(model_cfg.model)
+    else:
+        arch = Config()
+        apply_preset(arch, name)
+        cfg.model = arch.model
+    for k, v in FT_PRESETS.get(name, {}).items():
+        _set_path(cfg, k, v, f"fine-tuning preset {name}")
+    apply_overrides(cfg, docs, overrides)
+    if model_cfg is not None:
+        changed = [d for d in arch_diff(model_cfg.model, cfg.model)]
+        if changed:
+            raise ConfigError("the architecture comes from the pre-trained model and cannot be changed "
+                                "(only dropout can); differing: " + "; ".join(changed))
+    validate_finetune(cfg, "config")
+    return cfg
+
+
+def arch_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
+    return [d for d in diff(Config(model=a), Config(model=b), "model") if ".dropout:" not in d]
+
+
+def validate_finetune(cfg: FinetuneConfig, source: str) -> None:
+    validate(cfg, source)  # the model and train sections, as in pre-training
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{source}: {msg}")
+
+    u, s, c = cfg.units, cfg.specaug, cfg.ctc
+    need(u.kind in ("char", "bpe"), f"units.kind must be char or bpe, got {u.kind!r}")
+    need(u.vocab_size >= 4, "units.vocab_size must be >= 4")
+    need(c.schedule in ("tristage", "cosine"), f"ctc.schedule must be tristage or cosine, got {c.schedule!r}")
+    need(all(x >= 0 for x in c.stages) and abs(sum(c.stages) - 1) < 1e-6, "ctc.stages must be 3 shares summing to 1")
+    need(0 < c.final_lr_ratio <= 1, "ctc.final_lr_ratio must be in (0, 1]")
+    need(c.upsample >= 1, "ctc.upsample must be >= 1")
+    need(0 <= s.time_mask_prob < 1 and s.time_mask_width >= 1, "specaug: time_mask_prob in [0, 1), width >= 1")
+    need(0 <= s.freq_mask_width < cfg.model.features.n_mels, "specaug.freq_mask_width must be < model.features.n_mels")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from lhotse import CutSet, SupervisionSegment
 
-from .data import DataError, Problems, _probe_all, cut_fields, cuts_to_rows, scan_folder, write_manifest
+from .sources import DataError, Problems, _probe_all, cut_fields, cuts_to_rows, scan_folder, write_manifest
 
 KS_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 KS_CLASSES = (*KS_WORDS, "_unknown_", "_silence_")

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .audio import resample, write_audio
-from .data import DataError, write_manifest
+from .sources import DataError, write_manifest
 
 FORMAT_VERSION = 1
 SAMPLE_RATE = 16000

@@ -1,34 +1,24 @@
-"""Runs that survive: reusable Lightning pieces for long pre-training and fine-tuning jobs.
+"""Runs that survive: Lightning pieces for long pre-training and fine-tuning jobs.
 
-- :class:`AtomicCheckpointIO`: checkpoints are written to a temporary file, fsynced and renamed, with
-  a ``NAME.sha256.json`` sidecar (size + SHA-256); loading verifies it and never unpickles code
-  (``torch.load(weights_only=True)``). A full disk leaves the previous checkpoint intact and stops
-  the run with one clear message.
-- :func:`latest_checkpoint`: the newest checkpoint that verifies; a corrupt or truncated one is set
-  aside (renamed ``*.corrupt``) with a warning and the previous one is used.
-- :class:`PeriodicCheckpoint`: every N steps or M minutes; keeps the last N plus ``best.ckpt`` (lowest
-  validation loss).
 - :class:`StopSignals`: SIGTERM/SIGINT (SLURM preemption, Ctrl-C) -> every rank finishes its step, a
   checkpoint is written, and the job exits with status 128 + signal number (143 / 130).
 - :class:`NonFiniteGuard`: a non-finite loss or gradient on ANY rank skips the update on EVERY rank
-  (the decision is all-reduced, so no rank waits forever); N in a row stops the run.
+  (the decision is all-reduced, so no rank waits forever); N in a row stop the run.
 - :func:`forward_with_oom_retry`: out-of-memory on a batch -> free, retry it split in two; a second
   out-of-memory stops the run with advice.
 - :class:`RankHeartbeat` + :func:`explain_collective_failure`: a collective that times out (a hung or
   dead rank) ends the job with a message naming the rank that stopped reporting.
 - Fault injection (:func:`parse_faults`, :class:`FaultInjector`): ``KIND@STEP[:rankR]`` with KIND one
   of ``nan``, ``oom``, ``sigterm``, ``sigkill``; each fault fires once per run directory.
+
+Checkpoint files (atomic, checksummed) are :mod:`svqmae.engine.checkpoint`.
 """
 
 from __future__ import annotations
 
-import argparse
-import errno
-import hashlib
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,30 +28,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.utils.checkpoint
-from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from .api import CheckpointError, atomic_write_bytes
-from .config import ConfigError
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
-
-
-def log(msg: str, all_ranks: bool = False) -> None:
-    """A line on stderr (rank 0 only, unless ``all_ranks``; then prefixed with the rank)."""
-    rank = _rank()
-    if all_ranks and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        msg = f"[rank {rank}] {msg}"
-    elif rank != 0:
-        return
-    print(msg, file=sys.stderr, flush=True)
-
-
-class TrainingAborted(CheckpointError):
-    """The run stopped on purpose (too many non-finite steps, repeated out-of-memory, full disk, a hung
-    rank); the message says why, what to change and where the last good checkpoint is. A
-    :class:`CheckpointError`, so that the CLI prints it as one line (exit status 2)."""
+from ..config import ConfigError
+from ..model.io import atomic_write_bytes
+from .checkpoint import PeriodicCheckpoint, TrainingAborted, last_good_checkpoint_hint
+from .progress import log, rank
 
 
 class Preempted(SystemExit):
@@ -70,201 +41,6 @@ class Preempted(SystemExit):
     def __init__(self, signum: int, message: str):
         super().__init__(128 + signum)
         self.signum, self.message = signum, message
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def sidecar(path: Path) -> Path:
-    return Path(path).with_name(Path(path).name + ".sha256.json")
-
-
-class _HashingWriter:
-    """A write-only file wrapper that hashes what passes through it."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
-
-    def write(self, b) -> int:
-        self.sha.update(b)
-        self.size += len(b)
-        return self.f.write(b)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints are written to a temporary file, fsynced, then renamed, and get a checksum sidecar:
-    a crash or a full disk never leaves a half-written checkpoint under the real name, and a file
-    damaged later is detected. Loading verifies the checksum and never unpickles code."""
-
-    def _write(self, checkpoint: dict, f) -> None:
-        torch.save(checkpoint, f)
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                w = _HashingWriter(f)
-                self._write(checkpoint, w)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            meta = {"sha256": w.sha.hexdigest(), "bytes": w.size, "global_step": checkpoint.get("global_step")}
-            _atomic_write_text(sidecar(path), json.dumps(meta))
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise TrainingAborted(
-                    f"{path}: disk full while writing the checkpoint ({os.strerror(e.errno)}); earlier "
-                    f"checkpoints in {path.parent} are intact. Free space and rerun the same command to resume"
-                ) from None
-            raise TrainingAborted(f"{path}: could not write the checkpoint ({e}); earlier checkpoints are intact") from None
-        finally:
-            for t in (tmp, sidecar(path).with_name(f".{sidecar(path).name}.tmp")):
-                if t.exists():
-                    t.unlink()
-
-    def load_checkpoint(self, path, map_location=None, weights_only=None):
-        return load_checkpoint(path, map_location)
-
-    def remove_checkpoint(self, path) -> None:
-        Path(path).unlink(missing_ok=True)
-        sidecar(Path(path)).unlink(missing_ok=True)
-
-
-def verify_checkpoint(path: str | Path) -> str | None:
-    """None if ``path`` matches its checksum sidecar; otherwise what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        return "missing"
-    try:
-        meta = json.loads(sidecar(path).read_text())
-    except FileNotFoundError:
-        return None  # written by an older version: nothing to check against (torch.load will tell)
-    except (OSError, json.JSONDecodeError):
-        return f"unreadable checksum file {sidecar(path).name}"
-    size = path.stat().st_size
-    if size != meta.get("bytes"):
-        return f"truncated or altered ({size} bytes, expected {meta.get('bytes')})"
-    if _sha256(path) != meta.get("sha256"):
-        return "corrupt (SHA-256 does not match)"
-    return None
-
-
-def load_checkpoint(path: str | Path, map_location=None) -> dict:
-    """Verify the checksum, then ``torch.load(weights_only=True)``: tensors and plain data only."""
-    path = Path(path)
-    problem = verify_checkpoint(path)
-    if problem:
-        raise CheckpointError(f"{path}: checkpoint is {problem}")
-    try:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0][:160]})") from None
-
-
-def latest_checkpoint(out: str | Path, pattern: str = "step*.ckpt") -> Path | None:
-    """The newest ``out/checkpoints/<pattern>`` that verifies. A corrupt or truncated one is renamed
-    ``*.corrupt`` (kept for inspection, never picked again) with a warning, and the previous one used."""
-    folder = Path(out) / "checkpoints"
-    for ckpt in sorted(folder.glob(pattern), reverse=True):
-        problem = verify_checkpoint(ckpt)
-        if problem is None:
-            return ckpt
-        bad = ckpt.with_name(ckpt.name + ".corrupt")
-        if _rank() == 0:
-            os.replace(ckpt, bad)
-            sidecar(ckpt).unlink(missing_ok=True)
-        log(f"warning: {ckpt} is {problem}; moved aside to {bad.name}, using the previous checkpoint")
-    return None
-
-
-class PeriodicCheckpoint(pl.Callback):
-    """Every N optimizer steps or M minutes, whichever comes first: ``checkpoints/stepXXXXXXXX.ckpt``;
-    keeps the newest ``keep_last``, plus ``checkpoints/best.ckpt`` at the lowest ``monitor`` value seen
-    after a validation. A failed write (full disk) stops every rank with one message."""
-
-    def __init__(self, dirpath: Path, every_steps: int, every_minutes: float, keep_last: int,
-                 monitor: str | None = "val/loss"):
-        self.dirpath, self.every_steps, self.every_s, self.keep = Path(dirpath), every_steps, every_minutes * 60, keep_last
-        self.monitor, self.best = monitor, float("inf")
-        self.last_time, self.last_step = time.monotonic(), -1
-        self.last_path: Path | None = None
-
-    def state_dict(self) -> dict:
-        return {"best": self.best}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best = float(state.get("best", float("inf")))
-
-    def _write(self, trainer, path: Path) -> None:
-        error = None
-        try:
-            trainer.save_checkpoint(path, weights_only=False)
-        except CheckpointError as e:  # only rank 0 writes; it skipped the barrier that ends save_checkpoint
-            error = str(e)
-            trainer.strategy.barrier("Trainer.save_checkpoint")
-        error = trainer.strategy.broadcast(error, src=0)
-        if error:
-            raise TrainingAborted(error)
-
-    def save(self, trainer) -> Path:
-        """Write ``stepXXXXXXXX.ckpt`` now (every rank must call this together)."""
-        step = trainer.global_step
-        path = self.dirpath / f"step{step:08d}.ckpt"
-        if step == self.last_step:
-            return path
-        self._write(trainer, path)
-        self.last_step, self.last_time, self.last_path = step, time.monotonic(), path
-        if trainer.is_global_zero:
-            for old in sorted(self.dirpath.glob("step*.ckpt"))[: -self.keep]:
-                old.unlink(missing_ok=True)
-                sidecar(old).unlink(missing_ok=True)
-        return path
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        due_steps = self.every_steps > 0 and step > 0 and step % self.every_steps == 0
-        due_time = self.every_s > 0 and time.monotonic() - self.last_time >= self.every_s
-        # decide on rank 0's clock so every rank saves together
-        due = trainer.strategy.broadcast(bool(due_steps or due_time), src=0)
-        if due and step != self.last_step:
-            self.save(trainer)
-
-    def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking or not self.monitor or self.monitor not in trainer.callback_metrics:
-            return
-        value = float(trainer.callback_metrics[self.monitor])  # already synced across ranks
-        if value < self.best:
-            self.best = value
-            self._write(trainer, self.dirpath / "best.ckpt")
-            log(f"best {self.monitor} so far ({value:.4f}): saved {self.dirpath / 'best.ckpt'}")
-
-    def on_train_end(self, trainer, pl_module):
-        self.save(trainer)
-
-
-def last_good_checkpoint_hint(trainer) -> str:
-    periodic = next((cb for cb in trainer.callbacks if isinstance(cb, PeriodicCheckpoint)), None)
-    path = periodic.last_path if periodic is not None else None
-    if path is None and periodic is not None:
-        path = latest_checkpoint(periodic.dirpath.parent)
-    return f"the last good checkpoint is {path}" if path else "no checkpoint was written yet"
 
 
 # --------------------------------------------------------------------------- signals
@@ -412,7 +188,7 @@ class RankHeartbeat(pl.Callback):
 
     def beat(self, step: int) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.folder / f"rank{_rank()}", json.dumps({"step": step, "time": time.time()}))
+        atomic_write_bytes(self.folder / f"rank{rank()}", json.dumps({"step": step, "time": time.time()}).encode())
 
     def on_train_start(self, trainer, pl_module):
         if trainer.world_size > 1:
@@ -442,7 +218,7 @@ def explain_collective_failure(e: BaseException, heartbeat_dir: Path, timeout_mi
             beats[int(f.name[4:])] = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
-    me = _rank()
+    me = rank()
     detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
     if beats:
         newest = max(b["step"] for b in beats.values())
@@ -520,7 +296,7 @@ class FaultInjector:
             return False
         self.pending.remove(key)
         self.fired.append(key)
-        _atomic_write_text(self.record, json.dumps(self.fired))
+        atomic_write_bytes(self.record, json.dumps(self.fired).encode())
         log(f"injecting fault {key}", all_ranks=True)
         return True
 
@@ -530,22 +306,3 @@ class FaultInjector:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.take("sigterm", step):
             os.kill(os.getpid(), signal.SIGTERM)
-
-
-class InjectFaultAction(argparse.Action):
-    """``--inject-fault KIND@STEP[:rankR]`` (repeatable) -> ``--set train.inject_faults=[...]``."""
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        try:
-            parse_fault(value)
-        except ConfigError as e:
-            parser.error(str(e))
-        faults = list(getattr(namespace, self.dest, None) or []) + [value]
-        setattr(namespace, self.dest, faults)
-        namespace.set = list(getattr(namespace, "set", None) or []) + [f"train.inject_faults={json.dumps(faults)}"]
-
-
-def add_fault_injection_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--inject-fault", action=InjectFaultAction, metavar="KIND@STEP[:rankR]", dest="inject_fault",
-                   help="testing: inject a fault (nan, oom, sigterm, sigkill) in the batch of optimizer step STEP, "
-                        "on rank R (default 0); repeatable; each fires once per --out")

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .config import QuantizerConfig
+from ..config import QuantizerConfig
 
 
 class Quantizer(nn.Module):

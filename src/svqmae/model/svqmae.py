@@ -15,123 +15,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lhotse.features.kaldi.layers import Wav2LogFilterBank
 from torch import nn
 
-from .config import FeatureConfig, ModelConfig, TransformerConfig
+from ..config import ModelConfig
+from . import io
+from .frontend import FilterbankFrontend
 from .masking import padding_mask, span_mask, visible_index
 from .quantizer import Quantizer, code_stats
-
-# --------------------------------------------------------------------------- front end
-
-
-class FilterbankFrontend(nn.Module):
-    """16 kHz waveform -> utterance-normalized 80-dim log-mel frames, stacked into tokens."""
-
-    def __init__(self, cfg: FeatureConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.hop = int(cfg.sample_rate * cfg.frame_shift_ms / 1000)
-        self.fbank = Wav2LogFilterBank(
-            sampling_rate=cfg.sample_rate,
-            frame_length=cfg.frame_length_ms / 1000,
-            frame_shift=cfg.frame_shift_ms / 1000,
-            num_filters=cfg.n_mels,
-        )
-
-    def num_tokens(self, num_samples: torch.Tensor) -> torch.Tensor:
-        """Samples -> tokens (frames are centred: N = round(S / hop); the last partial token is dropped)."""
-        return torch.div(num_samples + self.hop // 2, self.hop, rounding_mode="floor") // self.cfg.stack
-
-    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """waves: (B, S) float at 16 kHz; lengths: (B,) samples -> tokens (B, T, C), token lengths (B,)."""
-        s = self.cfg.stack
-        # continue each utterance into its padding by mirroring its end, as the filterbank does at the
-        # edge of an unpadded signal: an utterance gets the same features alone or inside a batch
-        S = waves.shape[1]
-        j = torch.arange(S, device=waves.device)[None, :]  # (1, S)
-        src = torch.where(j < lengths[:, None], j, (2 * lengths[:, None] - 1 - j).clamp(min=0))
-        waves = torch.gather(waves.float(), 1, src)
-        with torch.autocast(device_type=waves.device.type, enabled=False):
-            feats = self.fbank(waves)  # (B, N, F)
-        B, N, Fb = feats.shape
-        T = N // s
-        tok_len = self.num_tokens(lengths).clamp(max=T)  # (B,)
-        feats = feats[:, : T * s]
-        # per-utterance mean/variance normalization over the real frames only
-        valid = ~padding_mask(tok_len * s, T * s)[..., None]  # (B, T*s, 1)
-        count = valid.sum(1, keepdim=True).clamp_min(1)
-        mean = (feats * valid).sum(1, keepdim=True) / count
-        var = (((feats - mean) * valid) ** 2).sum(1, keepdim=True) / count
-        feats = ((feats - mean) * torch.rsqrt(var + 1e-5)) * valid
-        return feats.reshape(B, T, s * Fb), tok_len  # (B, T, C)
-
-
-# --------------------------------------------------------------------------- transformer
-
-
-def rotary(pos: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary position tables from ORIGINAL token positions. pos: (B, L) -> cos, sin: (B, 1, L, hd/2)."""
-    half = head_dim // 2
-    freqs = base ** (-torch.arange(half, device=pos.device, dtype=torch.float32) / half)
-    angles = pos.float()[..., None] * freqs  # (B, L, hd/2)
-    return angles.cos()[:, None], angles.sin()[:, None]
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, L, hd)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm Transformer block with fused attention (scaled_dot_product_attention)."""
-
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        self.heads, self.dropout = cfg.heads, cfg.dropout
-        self.norm1 = nn.LayerNorm(cfg.dim)
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
-        self.proj = nn.Linear(cfg.dim, cfg.dim)
-        self.norm2 = nn.LayerNorm(cfg.dim)
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(), nn.Linear(cfg.ffn_dim, cfg.dim))
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, cos, sin, attn_mask):
-        """x: (B, L, D); attn_mask: (B, 1, 1, L) bool, True = key takes part."""
-        B, L, D = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, L, hd)
-        a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, D)))
-        return x + self.drop(self.ffn(self.norm2(x)))
-
-
-class Transformer(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
-        self.norm = nn.LayerNorm(cfg.dim)
-
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
-        """x: (B, L, D); pos: (B, L) original token positions; valid: (B, L) bool, False at padding.
-
-        Returns every hidden state: [input, block 1, ..., block n (final-normed)], each (B, L, D).
-        """
-        cos, sin = rotary(pos, self.cfg.dim // self.cfg.heads, self.cfg.rope_base)
-        attn_mask = valid[:, None, None, :]  # (B, 1, 1, L)
-        hidden = [x]
-        for block in self.blocks:
-            x = block(x, cos, sin, attn_mask)
-            hidden.append(x)
-        hidden[-1] = self.norm(x)
-        return hidden
-
-
-# --------------------------------------------------------------------------- the model
+from .transformer import Transformer, init_weights
 
 
 class SVQMAE(nn.Module):
@@ -158,7 +49,7 @@ class SVQMAE(nn.Module):
             head_in = enc.dim
         self.head = nn.Linear(head_in, q.num_codebooks * q.codebook_size)
         self.recon_head = nn.Linear(head_in, C) if cfg.recon_weight > 0 else None
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     @property
     def downsample_rate(self) -> int:
@@ -176,23 +67,36 @@ class SVQMAE(nn.Module):
                 delattr(self, name)
         return self
 
-    # ---- Hugging Face-style persistence (see svqmae.api)
+    # ---- Hugging Face-style persistence: a folder of config.json + model.safetensors (see model.io)
 
     @classmethod
     def from_pretrained(cls, path, with_decoder: bool = False, device="cpu") -> SVQMAE:
-        """Load from a ``model/`` folder, a run DIR or a checkpoint."""
-        from .api import load
+        """Load a pre-trained model (a ``model/`` folder, a run DIR or a ``.ckpt``), in eval mode.
 
-        return load(path, with_decoder=with_decoder, device=device)
+        By default the decoder is dropped and the encoder is returned; ``model.extract(waves, lengths)``
+        gives every layer's hidden states."""
+        saved = io.read_model(path)
+        model = cls(saved.config.model)
+        state = saved.state
+        if not with_decoder:
+            model.drop_decoder()
+            own = model.state_dict().keys()
+            state = {k: v for k, v in state.items() if k in own}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise io.CheckpointError(f"{saved.where}: weights do not match the config "
+                                     f"(missing {list(missing)[:4]}, unexpected {list(unexpected)[:4]})")
+        model.config = saved.config  # the whole resolved config (svqmae.config.Config)
+        model.card, model.figures = saved.card, saved.figures  # so that save_pretrained() round-trips them
+        return model.to(device).eval()
 
     def save_pretrained(self, path, card: dict | None = None):
         """Write ``config.json``, ``model.safetensors`` and a model card ``README.md`` to ``path``."""
-        from .api import save_model
-        from .config import Config
+        from ..config import Config
 
         cfg = getattr(self, "config", None) or Config(model=self.cfg)
         card = card if card is not None else getattr(self, "card", None)
-        return save_model(self, cfg, path, card, figures=getattr(self, "figures", ()))
+        return io.save_model(self, cfg, path, card, figures=getattr(self, "figures", ()))
 
     # ---- pre-training forward, in three parts
 
@@ -286,13 +190,3 @@ class SVQMAE(nn.Module):
         B, T, _ = tokens.shape
         pos = torch.arange(T, device=waves.device).expand(B, T)
         return self.encoder(self.embed(tokens), pos, ~padding_mask(tok_len, T)), tok_len
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)

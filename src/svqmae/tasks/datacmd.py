@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .data import DataError
+from ..data import DataError
 
 
 def _log(msg: str) -> None:
@@ -14,7 +14,7 @@ def _log(msg: str) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from .recipes import prepare
+    from ..data.recipes import prepare
 
     opts = {"test_dir": Path(args.test_dir) if args.test_dir else None, "label_from_folder": args.label_from_folder}
     summary = prepare(args.corpus, args.src, args.out, **opts)
@@ -26,7 +26,7 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_download(args) -> None:
-    from .recipes import download, remove_archives
+    from ..data.recipes import download, remove_archives
 
     root = download(args.corpus, args.out, args.part or None, log=_log)
     if args.remove_archives:
@@ -35,7 +35,7 @@ def cmd_download(args) -> None:
 
 
 def cmd_check(args) -> None:
-    from .data import check_source
+    from ..data import check_source
 
     failed, reports = 0, []
     for src in args.src:
@@ -54,7 +54,7 @@ def cmd_check(args) -> None:
 
 
 def cmd_synth(args) -> None:
-    from .synth import synthesize
+    from ..data.synth import synthesize
 
     s = synthesize(args.out, minutes=args.minutes, seed=args.seed, workers=args.workers, log=_log)
     print(f"{'task':<10} {'split':<6} {'utts':>6} {'minutes':>8} {'speakers':>9}")
@@ -64,7 +64,7 @@ def cmd_synth(args) -> None:
 
 
 def add_cli(sub) -> None:
-    from .recipes import DOWNLOADS, RECIPES
+    from ..data.recipes import DOWNLOADS, RECIPES
 
     p = sub.add_parser("data", help="prepare corpora, check sources, synthesize the demo corpus")
     dsub = p.add_subparsers(dest="data_command", required=True)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError
-from .text import Units
+from ..config import ConfigError
+from ..data.text import Units
 
 
 def greedy(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:

@@ -56,10 +56,10 @@ TASKS = (  # (evaluate task, corpus folder, what the table calls it)
 
 
 def run_demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
-    from . import config as C
-    from .plots import read_metrics
-    from .synth import synthesize
-    from .train import pretrain
+    from .. import config as C
+    from ..data.synth import synthesize
+    from ..engine.plots import read_metrics
+    from .pretrain import pretrain
 
     s = QUICK if quick else FULL
     out = Path(out)
@@ -150,7 +150,7 @@ def _fmt(r: dict | None) -> str:
 
 def _plots(out: Path, run: Path, rows: list[dict], results: list[dict]) -> list[Path]:
     """Loss/accuracy curves (from the run), codebook usage, and the results as bars."""
-    from .plots import plt
+    from ..engine.plots import plt
 
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,10 @@
-"""The pre-training engine: PyTorch Lightning around :class:`svqmae.model.SVQMAE`.
+"""Pre-training: SVQ-MAE (or its encoder-only ablation) on unlabeled audio, ``svqmae pretrain``.
 
 One CPU, one GPU, several GPUs or nodes (DDP via ``--devices``/``--num-nodes``, torchrun or SLURM),
 bf16 autocast, gradient accumulation, clipping, AdamW with warm-up and cosine decay, a held-out
 validation slice with fixed masks, budgets in steps and minutes, atomic checksummed periodic
-checkpoints, and resume-by-rerunning the same command. Runs survive preemption (SIGTERM/SIGINT),
-non-finite losses, out-of-memory batches, hung ranks and full disks: see :mod:`svqmae.resilience`.
+checkpoints, and resume-by-rerunning the same command, all from :mod:`svqmae.engine`. Runs survive
+preemption, non-finite losses, out-of-memory batches, hung ranks and full disks.
 
 Exactness: masks and dropout are pure functions of (seed, step, rank, micro-batch) and a resumed run
 skips the batches it already trained on, so a run killed at any step and resumed reaches the same
@@ -13,103 +13,41 @@ weights as an uninterrupted one (CPU, ``num_workers`` any).
 
 from __future__ import annotations
 
-import json
-import logging
-import math
-import os
 import sys
-import time
-import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
 
-from . import config as C
-from .api import CheckpointError, save_model
-from .data import DataError, Problems, load_sources, pretrain_loader, split_heldout
-from .model import SVQMAE
-from .resilience import (
-    OOM_ERRORS,
-    AtomicCheckpointIO,
-    FaultInjector,
-    NonFiniteGuard,
-    PeriodicCheckpoint,
-    Preempted,
-    RankHeartbeat,
-    StopSignals,
-    TrainingAborted,
-    explain_collective_failure,
-    forward_with_oom_retry,
-    is_collective_failure,
-    latest_checkpoint,
-    load_checkpoint,
-    parse_faults,
-)
-
-__all__ = ["AtomicCheckpointIO", "PeriodicCheckpoint", "ProgressLog", "PretrainModule", "trainer_kwargs",
-           "latest_checkpoint", "check_resume_config", "pretrain"]
-
-
-def log(msg: str) -> None:
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
-        print(msg, file=sys.stderr, flush=True)
-
-
-def quiet_lightning() -> None:
-    """Keep the terminal for svqmae's own progress: no Lightning tips/device banners, no known-harmless
-    library warnings (Lightning's real warnings still show)."""
-    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for msg in (r".*eagerly read CutSet.*", r".*treespec.*", r".*LeafSpec.*"):
-        warnings.filterwarnings("ignore", message=msg)
-
+from .. import config as C
+from ..data import DataError, Problems, load_sources, pretrain_loader, split_heldout
+from ..engine.args import add_config_args, add_engine_args, add_fault_injection_arg, resolve_args
+from ..engine.checkpoint import TrainingAborted
+from ..engine.faults import forward_with_oom_retry
+from ..engine.module import EngineData, EngineModule, resume_point, run
+from ..engine.progress import log, quiet_lightning
+from ..engine.schedules import warmup_cosine
+from ..model import SVQMAE, save_model
 
 # --------------------------------------------------------------------------- lightning module
 
 
-class PretrainModule(pl.LightningModule):
+class PretrainModule(EngineModule):
     def __init__(self, cfg: C.Config, faults_record: Path | None = None):
-        super().__init__()
+        super().__init__(cfg.train, faults_record)
         self.cfg = cfg
         self.model = SVQMAE(cfg.model)
-        self.data_pos = (0, -1)  # (epoch, index) of the last batch trained on, for exact resume
-        self.fault_specs = parse_faults(cfg.train.inject_faults)
-        self.faults_record = faults_record
-        self.faults: FaultInjector | None = None
-        self.nonfinite_skipped = 0  # counted by resilience.NonFiniteGuard
-        self.oom_retries = 0
-
-    def setup(self, stage: str) -> None:
-        if self.fault_specs and self.faults_record is not None:  # the rank is known from here on
-            record = Path(self.faults_record).with_suffix(f".rank{self.global_rank}.json")
-            self.faults = FaultInjector(self.fault_specs, record, self.global_rank)
-
-    def _generator(self, *keys: int) -> torch.Generator:
-        seed = self.cfg.train.seed
-        for k in keys:
-            seed = (seed * 1_000_003 + k) % (2**62)
-        return torch.Generator().manual_seed(seed)
 
     def training_step(self, batch, batch_idx):
-        step, rank = self.global_step, self.global_rank
-        micro = batch_idx % self.cfg.train.accumulate
-        faults = self.faults if micro == 0 else None  # injected faults fire in the step's first micro-batch
-        if faults is not None:
-            faults.maybe_signal(step + 1)
-        # dropout and masks are pure functions of (seed, step, rank, micro-batch): resume-exact
-        torch.manual_seed((self.cfg.train.seed + 1) * 7919 + step * 131 + rank * 17 + micro)
-        self.data_pos = (batch["epoch"], batch["index"])
+        step, rank, micro, faults = self.begin_step(batch, batch_idx)
         if batch["waves"].shape[0] == 0:  # every file in the batch failed to load: a zero step
-            return sum(p.sum() for p in self.parameters()) * 0.0
+            return self.empty_step()
         armed = [faults is not None]
 
         def forward(b):  # its masks come from (step, rank, micro, part): the same when recomputed
             if armed[0] and faults.take("oom", step + 1):
                 raise torch.OutOfMemoryError("injected out-of-memory (--inject-fault oom)")
-            return self.model(b["waves"], b["lengths"], self._generator(1, step, rank, micro, *b.get("part", ())))
+            return self.model(b["waves"], b["lengths"], self.generator(1, step, rank, micro, *b.get("part", ())))
 
         out = forward_with_oom_retry(forward, batch, _split_batch, _combine_outputs, self._oom_advice(),
                                      on_retry=lambda: self._on_oom(step + 1, batch))
@@ -140,46 +78,33 @@ class PretrainModule(pl.LightningModule):
     def backward(self, loss, *args, **kwargs):
         try:
             super().backward(loss, *args, **kwargs)
-        except OOM_ERRORS:
+        except torch.OutOfMemoryError:
             raise TrainingAborted(f"step {self.global_step + 1}: out of memory in the backward pass; "
                                   f"{self._oom_advice()}") from None
 
     def validation_step(self, batch, batch_idx):
         if batch["waves"].shape[0] == 0:
             return
-        out = self.model(batch["waves"], batch["lengths"], self._generator(2, batch_idx))  # fixed masks
+        out = self.model(batch["waves"], batch["lengths"], self.generator(2, batch_idx))  # fixed masks
         n = batch["waves"].shape[0]
         for k in ("loss", "masked_acc", "code_perplexity"):
             self.log(f"val/{k}", out[k], on_epoch=True, sync_dist=True, batch_size=n)
 
-    def configure_optimizers(self):
-        t = self.cfg.train
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            (no_decay if p.ndim < 2 or "mask_embed" in name else decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr, betas=tuple(t.betas),  # not fused: Lightning clips gradients under AMP
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def progress_record(self, means: dict, last: dict) -> dict:
+        rec = {k: means.get(k) for k in ("loss", "masked_acc", "ce", "code_perplexity", "code_usage")}
+        rec["visible_share"] = means.get("visible_tokens", 0) / max(means.get("tokens", 1), 1)
+        if "recon" in means:
+            rec["recon"] = means["recon"]
+        return rec
 
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint["svqmae_config"] = C.to_dict(self.cfg)
-        checkpoint["data_pos"] = list(self.data_pos)
+    def progress_line(self, rec: dict) -> str:
+        return f"loss {rec['loss']:.3f} | acc {rec['masked_acc']:.3f} | ppl {rec['code_perplexity']:.0f}"
 
-    def on_load_checkpoint(self, checkpoint):
-        self.data_pos = tuple(checkpoint.get("data_pos", (0, -1)))
+    def lr_schedule(self):
+        return warmup_cosine(self.cfg.train)
 
-
-def lr_lambda(t: C.TrainConfig):
-    def f(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
+    def checkpoint_config(self) -> dict:
+        return C.to_dict(self.cfg)
 
 
 def _split_batch(batch: dict) -> list[dict]:
@@ -208,180 +133,17 @@ def _combine_outputs(outs: list[dict]) -> dict:
     return combined
 
 
-class PretrainData(pl.LightningDataModule):
-    def __init__(self, cfg: C.Config, train_cuts, val_cuts, module: PretrainModule):
-        super().__init__()
-        self.cfg, self.train_cuts, self.val_cuts, self.module = cfg, train_cuts, val_cuts, module
-
-    def train_dataloader(self):
-        t = self.cfg.train
-        epoch, index = self.module.data_pos
-        return pretrain_loader(self.train_cuts, t.max_batch_seconds, t.max_utt_seconds, t.num_buckets,
-                               t.num_workers, t.seed, shuffle=True, start=(epoch, index + 1))
-
-    def val_dataloader(self):
-        t = self.cfg.train
-        if self.val_cuts is None or len(self.val_cuts) == 0:
-            return []
-        return pretrain_loader(self.val_cuts, t.max_batch_seconds, t.max_utt_seconds, 1, 0, t.seed, shuffle=False)
-
-
-# --------------------------------------------------------------------------- callbacks
-
-
-class ProgressLog(pl.Callback):
-    """Terminal progress and ``metrics.jsonl``: step, loss, masked accuracy, audio-seconds per second,
-    ETA; plus the list of files skipped because they could not be read."""
-
-    def __init__(self, out: Path, cfg: C.Config, start_step: int):
-        self.out, self.cfg = out, cfg
-        self.t0 = self.t_last = time.monotonic()
-        self.start_step = start_step
-        self.audio = 0.0
-        self.sums: dict[str, float] = {}
-        self.n = 0
-        self.problems = Problems()
-
-    def on_fit_start(self, trainer, pl_module):
-        """On resume, drop the records a killed run wrote after its last checkpoint: they are redone."""
-        path = self.out / "metrics.jsonl"
-        if not trainer.is_global_zero or not path.is_file():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= self.start_step:
-                    keep.append(line)
-            except json.JSONDecodeError:  # a line cut short by kill -9
-                continue
-        path.write_text("".join(f"{line}\n" for line in keep))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        out = take_step_output(pl_module, batch, self.problems)
-        if out is None:
-            return
-        self.audio += out["audio_seconds"]
-        if all(math.isfinite(v) for v in out.values()):  # a skipped non-finite step stays out of the means
-            for k, v in out.items():
-                self.sums[k] = self.sums.get(k, 0.0) + v
-            self.n += 1
-        step = trainer.global_step
-        t = self.cfg.train
-        if (batch_idx + 1) % t.accumulate or step % t.log_every:
-            return
-        now = time.monotonic()
-        local = torch.tensor([self.audio, float(getattr(pl_module, "oom_retries", 0))], device=pl_module.device)
-        audio, ooms = (float(v) for v in trainer.strategy.reduce(local, reduce_op="sum"))
-        rec = {k: v / max(self.n, 1) for k, v in self.sums.items() if k not in ("audio_seconds",)}
-        rec = {
-            "step": step, "epoch": pl_module.data_pos[0],
-            "loss": rec.get("loss"), "masked_acc": rec.get("masked_acc"), "ce": rec.get("ce"),
-            "code_perplexity": rec.get("code_perplexity"), "code_usage": rec.get("code_usage"),
-            "visible_share": rec.get("visible_tokens", 0) / max(rec.get("tokens", 1), 1),
-            "lr": trainer.optimizers[0].param_groups[0]["lr"],
-            "audio_seconds_per_s": audio / max(now - self.t_last, 1e-9),
-            "elapsed_s": now - self.t0,
-        }
-        if "recon" in self.sums:
-            rec["recon"] = self.sums["recon"] / self.n
-        rec.update(nonfinite_skipped=getattr(pl_module, "nonfinite_skipped", 0), oom_retries=int(ooms))
-        self.audio, self.sums, self.n, self.t_last = 0.0, {}, 0, now
-        if not trainer.is_global_zero:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        done = step - self.start_step
-        rate = (now - self.t0) / max(done, 1)
-        eta = (t.max_steps - step) * rate
-        if t.max_minutes > 0:
-            eta = min(eta, max(0.0, t.max_minutes * 60 - (now - self.t0)))
-        if rec["loss"] is None:  # every step in the window was skipped
-            return
-        print(
-            f"step {step}/{t.max_steps} | loss {rec['loss']:.3f} | acc {rec['masked_acc']:.3f} | "
-            f"ppl {rec['code_perplexity']:.0f} | {rec['audio_seconds_per_s']:.0f} audio-s/s | "
-            f"lr {rec['lr']:.2e} | ETA {_fmt(eta)}",
-            file=sys.stderr, flush=True,
-        )
-
-    def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking or not trainer.is_global_zero:
-            return
-        m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        if m:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": trainer.global_step, **{k.replace("/", "_"): v for k, v in m.items()}}) + "\n")
-            log(f"validation at step {trainer.global_step}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
-
-
-def take_step_output(pl_module, batch, problems: Problems) -> dict | None:
-    """Record the files a batch could not load (one log line each) and hand over the metrics the
-    module left for this step (None when the step produced none)."""
-    for path, reason in batch["failed"]:
-        problems.add(path, reason)
-        log(f"skipped {reason}")
-    out = getattr(pl_module, "last_out", None)
-    pl_module.last_out = None
-    return out
-
-
-def _fmt(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
-
-
 # --------------------------------------------------------------------------- the job
 
 
-def check_resume_config(ckpt: Path, cfg: C.Config) -> None:
-    """Refuse to resume from ``ckpt`` if it was made with another model configuration (names the fields)."""
-    saved = load_checkpoint(ckpt).get("svqmae_config")
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{ckpt}: not an svqmae pre-training checkpoint (no svqmae_config)")
-    differ = C.diff(C.from_dict(saved, str(ckpt)), cfg, "model")
-    if differ:
-        raise CheckpointError(
-            f"{ckpt}: checkpoint was made with another model configuration; differing fields: "
-            + "; ".join(differ) + " (use a new --out, or the original settings)"
-        )
-
-
-def trainer_kwargs(cfg: C.Config) -> dict:
-    t = cfg.train
-    gpu = torch.cuda.is_available()
-    precision = {"auto": "bf16-mixed" if gpu else "32-true", "bf16": "bf16-mixed", "32": "32-true"}[t.precision]
-    devices = t.devices if t.devices == "auto" else (int(t.devices) if t.devices.isdigit() else t.devices)
-    if not gpu and devices == "auto":
-        devices = 1
-    kw = dict(
-        accelerator="gpu" if gpu else "cpu", devices=devices, num_nodes=t.num_nodes, strategy=_strategy(t, devices),
-        precision=precision, max_steps=t.max_steps, accumulate_grad_batches=t.accumulate,
-        gradient_clip_val=t.grad_clip or None, use_distributed_sampler=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, enable_checkpointing=False,
-        val_check_interval=t.val_every * t.accumulate, check_val_every_n_epoch=None,
-        log_every_n_steps=t.log_every, plugins=[AtomicCheckpointIO()],
-    )
-    if t.max_minutes > 0:
-        kw["max_time"] = timedelta(minutes=t.max_minutes)
-    return kw
-
-
-def _strategy(t: C.TrainConfig, devices):
-    """DDP gets the process-group timeout from the config: a collective that waits longer than
-    ``train.ddp_timeout_minutes`` (a hung or dead rank) fails instead of hanging forever."""
-    n_dev = torch.cuda.device_count() if devices == "auto" else devices
-    several = t.num_nodes > 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1 or (isinstance(n_dev, int) and n_dev > 1)
-    if t.strategy == "ddp" or (t.strategy == "auto" and several):
-        from pytorch_lightning.strategies import DDPStrategy
-
-        return DDPStrategy(timeout=timedelta(minutes=getattr(t, "ddp_timeout_minutes", 30.0)))
-    return t.strategy
+def model_differences(cfg: C.Config):
+    """Saved checkpoint config -> the model fields that differ from ``cfg`` (a resume must match)."""
+    return lambda saved: C.diff(C.from_dict(saved, "checkpoint"), cfg, "model")
 
 
 def final_metrics(out: Path) -> dict[str, str]:
     """The last logged training and validation figures of a run, for the model card."""
-    from .plots import read_metrics
+    from ..engine.plots import read_metrics
 
     rows = read_metrics(out)
     names = {"loss": "final training loss", "masked_acc": "final training masked-code accuracy",
@@ -396,9 +158,7 @@ def pretrain(sources: list[str], out: str | Path, cfg: C.Config) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     quiet_lightning()
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None:
-        check_resume_config(ckpt, cfg)
+    ckpt, start_step = resume_point(out, PretrainModule.CONFIG_KEY, model_differences(cfg))
     C.save_yaml(cfg, out / "config.yaml")
 
     problems = Problems()
@@ -417,37 +177,23 @@ def pretrain(sources: list[str], out: str | Path, cfg: C.Config) -> Path:
     module = PretrainModule(cfg, faults_record=out / "faults_fired.json")
     n_params = sum(p.numel() for p in module.model.encoder.parameters()) / 1e6
     log(f"model: {cfg.preset} {cfg.model.variant}, encoder {n_params:.1f}M parameters")
-    start_step = 0
-    if ckpt is not None:
-        start_step = int(load_checkpoint(ckpt).get("global_step", 0))
-        log(f"resuming from {ckpt} (step {start_step})")
-    progress = ProgressLog(out, cfg, start_step)
-    progress.problems.items.extend(problems.items)
-    periodic = PeriodicCheckpoint(out / "checkpoints", cfg.train.ckpt_every_steps,
-                                  cfg.train.ckpt_every_minutes, cfg.train.keep_last)
-    trainer = pl.Trainer(
-        default_root_dir=str(out), logger=TensorBoardLogger(str(out), name="tensorboard", version=""),
-        callbacks=[progress, periodic, NonFiniteGuard(cfg.train.max_nonfinite), StopSignals(),
-                   RankHeartbeat(out / "heartbeat")],
-        **trainer_kwargs(cfg),
-    )
-    data = PretrainData(cfg, train_cuts, val_cuts, module)
-    try:
-        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
-    except Preempted as e:
-        log(f"svqmae pretrain: {e.message} (exit status {e.code})")
-        raise
-    except (TrainingAborted, CheckpointError):
-        raise
-    except Exception as e:
-        if trainer.world_size > 1 and is_collective_failure(e):
-            raise explain_collective_failure(e, out / "heartbeat", cfg.train.ddp_timeout_minutes) from None
-        raise
+    t = cfg.train
 
+    def train_loader(start):
+        return pretrain_loader(train_cuts, t.max_batch_seconds, t.max_utt_seconds, t.num_buckets,
+                               t.num_workers, t.seed, shuffle=True, start=start)
+
+    def val_loader():
+        if val_cuts is None or len(val_cuts) == 0:
+            return []
+        return pretrain_loader(val_cuts, t.max_batch_seconds, t.max_utt_seconds, 1, 0, t.seed, shuffle=False)
+
+    trainer, progress = run(module, EngineData(module, train_loader, val_loader), out, t, ckpt, start_step,
+                            problems, "pretrain")
     if trainer.is_global_zero:
         figures = []
         try:
-            from .plots import plot_pretrain
+            from ..engine.plots import plot_pretrain
 
             figures.append(plot_pretrain(out))
         except Exception as e:  # plotting must never fail a finished run
@@ -455,11 +201,24 @@ def pretrain(sources: list[str], out: str | Path, cfg: C.Config) -> Path:
         card = {"training data": ", ".join(map(str, sources)), "steps": trainer.global_step,
                 "training hours of audio": f"{hours:.2f}", **final_metrics(out)}
         save_model(module.model, cfg, out / "model", card, figures=figures)
-        if len(progress.problems):
-            with open(out / "skipped_files.tsv", "w") as f:
-                f.write("path\treason\n")
-                for path, reason in progress.problems.items:
-                    f.write(f"{path}\t{reason}\n")
-            log(f"{len(progress.problems)} files could not be read and were skipped (listed in {out / 'skipped_files.tsv'})")
+        progress.write_skipped()
         log(f"done at step {trainer.global_step}: model saved to {out / 'model'}")
     return out / "model"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def cmd_pretrain(args) -> None:
+    pretrain(args.data, args.out, resolve_args(args))
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("pretrain", help="self-supervised pre-training on unlabeled audio (resumes if --out has checkpoints)")
+    p.add_argument("--data", action="append", required=True, metavar="SRC",
+                   help="folder of audio, TSV/CSV manifest or lhotse manifest (repeatable)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    add_config_args(p)
+    add_engine_args(p)
+    add_fault_injection_arg(p)  # --inject-fault KIND@STEP[:rankR] -> train.inject_faults
+    p.set_defaults(func=cmd_pretrain)

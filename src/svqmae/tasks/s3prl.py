@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from .api import CheckpointError, load
+from ..model import SVQMAE, CheckpointError
 
 SAMPLE_RATE = 16000  # s3prl feeds 16 kHz audio
 
@@ -40,7 +40,7 @@ class UpstreamExpert(nn.Module):
         super().__init__()
         if not ckpt:
             raise CheckpointError("svqmae upstream: no checkpoint given (pass -k /path/to/model)")
-        self.model = load(ckpt)
+        self.model = SVQMAE.from_pretrained(ckpt)
         if self.model.cfg.features.sample_rate != SAMPLE_RATE:
             raise CheckpointError(
                 f"{ckpt}: model expects {self.model.cfg.features.sample_rate} Hz audio, s3prl feeds {SAMPLE_RATE} Hz"

@@ -27,9 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .api import CheckpointError
-from .config import ConfigError
-from .masking import padding_mask
+from ... import config as C
+from ...config import ConfigError
+from ...model import SVQMAE
+from ...model.io import CheckpointError
+from ...model.masking import padding_mask
 
 SAMPLE_RATE = 16000
 
@@ -97,9 +99,7 @@ class SVQMAEUpstream(Upstream):
 
 
 def load_svqmae(path: str | Path) -> SVQMAEUpstream:
-    from .api import load
-
-    model = load(path)
+    model = SVQMAE.from_pretrained(path)
     p = Path(path).resolve()
     name = p.parent.name if p.name == "model" else p.name
     return SVQMAEUpstream(model, f"svqmae:{name}", f"svqmae-{_slug(name)}-{_weights_digest(model)}")
@@ -107,9 +107,6 @@ def load_svqmae(path: str | Path) -> SVQMAEUpstream:
 
 def random_upstream(spec: str = "random") -> SVQMAEUpstream:
     """``random[:PRESET[:SEED]]``: the SVQ-MAE architecture, untrained, initialized from SEED (default 0)."""
-    from . import config as C
-    from .model import SVQMAE
-
     parts = spec.split(":")
     preset = parts[1] if len(parts) > 1 and parts[1] else "tiny"
     try:

@@ -1,0 +1,168 @@
+"""Batches: duration-bucketed dynamic batches of 16 kHz waveforms from lhotse samplers, as one pass
+(evaluation) or as the endless, exactly resumable training stream; random crops of long utterances;
+CTC targets for fine-tuning. Padding is zeros; ``lengths`` give each utterance's samples."""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import torch
+from lhotse import CutSet
+from lhotse.dataset import DynamicBucketingSampler, DynamicCutSampler
+
+from ..config import TrainConfig
+from .audio import AudioError
+from .sources import cut_path, read_span, stable_hash
+
+
+def split_heldout(cuts: CutSet, n: int) -> tuple[CutSet, CutSet]:
+    """A deterministic held-out slice of ``n`` cuts (by hash of id); (train, heldout)."""
+    ranked = sorted(cuts, key=lambda c: stable_hash(c.id))
+    held = {c.id for c in ranked[: min(n, max(len(ranked) - 1, 0))]}
+    return cuts.filter(lambda c: c.id not in held).to_eager(), cuts.filter(lambda c: c.id in held).to_eager()
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Wraps a lhotse sampler: one pass of (epoch, index, CutSet), so that crops are reproducible."""
+
+    def __init__(self, sampler):
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        for i, cuts in enumerate(self.sampler):
+            yield self.epoch, i, cuts
+
+
+class EndlessBatches(EpochBatches):
+    """Epoch after epoch of (epoch, index, cuts) in one endless stream that starts at ``start`` (the
+    batch after the last one trained on). The data's epochs are the stream's own, not Lightning's:
+    Lightning sees a single endless epoch (``max_steps`` ends it), so a run resumed at any step, even
+    at an epoch boundary, reads exactly the batches the uninterrupted run would have read."""
+
+    def __init__(self, sampler, start: tuple[int, int] = (0, 0)):
+        super().__init__(sampler)
+        self.start = start
+
+    def set_epoch(self, epoch: int) -> None:
+        pass  # Lightning's epoch counter is not the data's
+
+    def __iter__(self):
+        epoch, skip = self.start
+        while True:
+            self.epoch = epoch
+            self.sampler.set_epoch(epoch)
+            n = 0
+            for i, cuts in enumerate(self.sampler):
+                n += 1
+                if i >= skip:
+                    yield epoch, i, cuts
+            if n == 0:
+                return  # nothing to train on
+            epoch, skip = epoch + 1, 0
+
+
+def batch_loader(dataset, sampler, num_workers: int, start: tuple[int, int] | None) -> torch.utils.data.DataLoader:
+    """A DataLoader over a lhotse sampler's batches: one pass (``start=None``, evaluation) or the endless
+    training stream from ``start`` = (epoch, index of the next batch)."""
+    stream = EpochBatches(sampler) if start is None else EndlessBatches(sampler, start)
+    return torch.utils.data.DataLoader(dataset, sampler=stream, batch_size=None, num_workers=num_workers,
+                                       prefetch_factor=4 if num_workers else None)
+
+
+class WaveformBatches(torch.utils.data.Dataset):
+    """(epoch, index, CutSet) -> {"waves": (B, S), "lengths": (B,), "ids", "failed", "epoch", "index"}.
+
+    Cuts longer than ``max_seconds`` are randomly cropped (a pure function of seed, epoch and cut
+    id); files that fail to load are dropped from the batch and listed in ``failed`` (strict=False),
+    or raise (strict=True)."""
+
+    def __init__(self, sample_rate=16000, max_seconds: float | None = None, seed: int = 0, strict=False):
+        self.sample_rate, self.max_seconds, self.seed, self.strict = sample_rate, max_seconds, seed, strict
+
+    def __getitem__(self, item):
+        epoch, index, cuts = item if isinstance(item, tuple) else (0, 0, item)
+        waves, ids, failed = [], [], []
+        for cut in cuts:
+            full = cut.custom or {}
+            offset, dur = full.get("full_start", cut.start), full.get("full_duration", cut.duration)
+            if self.max_seconds and dur > self.max_seconds:
+                rng = random.Random(f"{self.seed}/{epoch}/{cut.id}")
+                offset += rng.uniform(0, dur - self.max_seconds)
+                dur = self.max_seconds
+            try:
+                x = read_span(cut, offset, dur, self.sample_rate)
+            except AudioError as e:
+                if self.strict:
+                    raise
+                failed.append((cut_path(cut), str(e)))
+                continue
+            waves.append(torch.from_numpy(x))
+            ids.append(cut.id)
+        lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
+        batch = torch.zeros(len(waves), int(lengths.max()) if len(waves) else 0)
+        for i, w in enumerate(waves):
+            batch[i, : len(w)] = w
+        return {"waves": batch, "lengths": lengths, "ids": ids, "failed": failed, "epoch": epoch, "index": index}
+
+
+def _crop_view(cut, max_seconds: float):
+    """The cut as the sampler should count it (at most ``max_seconds``), remembering its full extent
+    so that the loader can pick a random crop."""
+    if cut.duration <= max_seconds:
+        return cut
+    short = cut.truncate(duration=max_seconds, preserve_id=True)
+    short.custom = dict(cut.custom or {}, full_start=cut.start, full_duration=cut.duration)
+    return short
+
+
+def pretrain_loader(cuts: CutSet, max_batch_seconds: float, max_utt_seconds: float, num_buckets: int,
+                    num_workers: int, seed: int, shuffle: bool = True,
+                    start: tuple[int, int] | None = None) -> torch.utils.data.DataLoader:
+    """Duration-bucketed dynamic batches, DDP-aware (lhotse reads rank/world size when
+    torch.distributed is initialized), loaded in worker processes. One pass per epoch, or with
+    ``start`` the endless training stream from that (epoch, batch index) (see ``EndlessBatches``)."""
+    # the sampler sees cropped durations, so a batch never holds more than max_batch_seconds of audio
+    cropped = CutSet.from_cuts(_crop_view(c, max_utt_seconds) for c in cuts)
+    if shuffle:
+        with warnings.catch_warnings():  # an eager CutSet is deliberate: it is already in memory
+            warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
+            sampler = DynamicBucketingSampler(
+                cropped, max_duration=max_batch_seconds, num_buckets=max(1, min(num_buckets, len(cuts) // 2)),
+                shuffle=True, seed=seed, drop_last=False,
+            )
+    else:
+        sampler = DynamicCutSampler(cropped, max_duration=max_batch_seconds, shuffle=False)
+    return batch_loader(WaveformBatches(max_seconds=max_utt_seconds, seed=seed), sampler, num_workers, start)
+
+
+class CTCBatches(WaveformBatches):
+    """Waveform batches (see :class:`WaveformBatches`) plus the CTC targets:
+    ``targets`` (sum of lengths,) flat unit ids, ``target_lengths`` (B,), ``refs`` normalised texts."""
+
+    def __getitem__(self, item):
+        batch = super().__getitem__(item)
+        cuts = item[2] if isinstance(item, tuple) else item
+        sups = {c.id: c.supervisions[0].custom for c in cuts}
+        ids = [sups[i]["units"] for i in batch["ids"]]
+        batch["targets"] = torch.tensor([u for x in ids for u in x], dtype=torch.long)
+        batch["target_lengths"] = torch.tensor([len(x) for x in ids], dtype=torch.long)
+        batch["refs"] = [sups[i]["ref"] for i in batch["ids"]]
+        return batch
+
+
+def ctc_loader(cuts: CutSet, t: TrainConfig, shuffle: bool,
+               start: tuple[int, int] | None = None) -> torch.utils.data.DataLoader:
+    """Duration-bucketed dynamic batches (DDP-aware through lhotse), never cropped (CTC needs the
+    whole transcript). One pass, or with ``start`` the endless training stream from that (epoch,
+    batch index) (see ``EndlessBatches``)."""
+    if shuffle:
+        sampler = DynamicBucketingSampler(cuts, max_duration=t.max_batch_seconds, shuffle=True, seed=t.seed,
+                                          num_buckets=max(1, min(t.num_buckets, len(cuts) // 2)), drop_last=False)
+    else:
+        sampler = DynamicCutSampler(cuts, max_duration=t.max_batch_seconds, shuffle=False)
+    return batch_loader(CTCBatches(seed=t.seed), sampler, t.num_workers if shuffle else 0, start)

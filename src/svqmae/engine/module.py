@@ -1,0 +1,219 @@
+"""The one training engine: a Lightning module base, the trainer's settings, and the run.
+
+Pre-training (:mod:`svqmae.tasks.pretrain`) and fine-tuning (:mod:`svqmae.tasks.finetune`) are each an
+:class:`EngineModule` with its own ``training_step``; everything else is shared: seeding (dropout and
+masks are pure functions of seed, step, rank and micro-batch, so a resumed run is exact), the data
+position kept in checkpoints, the optimizer, fault injection, the progress log, atomic checksummed
+checkpoints, resume by rerunning, SIGTERM/SIGINT, non-finite steps, hung ranks (:func:`run`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from ..config import TrainConfig
+from ..model.io import CheckpointError
+from .checkpoint import AtomicCheckpointIO, PeriodicCheckpoint, TrainingAborted, check_resume, latest_checkpoint
+from .faults import (
+    FaultInjector,
+    NonFiniteGuard,
+    Preempted,
+    RankHeartbeat,
+    StopSignals,
+    explain_collective_failure,
+    is_collective_failure,
+    parse_faults,
+)
+from .progress import ProgressLog, log
+
+
+class EngineModule(pl.LightningModule):
+    """What every svqmae training job shares. Subclasses set ``self.model``, implement
+    ``training_step`` (starting with :meth:`begin_step`), ``lr_schedule`` and, if they log more than
+    the loss, ``progress_line``; they put the step's numbers in ``self.last_out``."""
+
+    CONFIG_KEY = "svqmae_config"  # the checkpoint entry that holds the run's config
+
+    def __init__(self, t: TrainConfig, faults_record: Path | None = None):
+        super().__init__()
+        self.t = t
+        self.data_pos = (0, -1)  # (epoch, index) of the last batch trained on, for exact resume
+        self.fault_specs = parse_faults(t.inject_faults)
+        self.faults_record = faults_record
+        self.faults: FaultInjector | None = None
+        self.nonfinite_skipped = 0  # counted by NonFiniteGuard
+        self.oom_retries = 0
+        self.last_out: dict | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.fault_specs and self.faults_record is not None:  # the rank is known from here on
+            record = Path(self.faults_record).with_suffix(f".rank{self.global_rank}.json")
+            self.faults = FaultInjector(self.fault_specs, record, self.global_rank)
+
+    def generator(self, *keys: int) -> torch.Generator:
+        """A CPU generator seeded from ``train.seed`` and ``keys`` (e.g. step, rank, micro-batch)."""
+        seed = self.t.seed
+        for k in keys:
+            seed = (seed * 1_000_003 + k) % (2**62)
+        return torch.Generator().manual_seed(seed)
+
+    def begin_step(self, batch, batch_idx) -> tuple[int, int, int, FaultInjector | None]:
+        """Seed dropout, note the data position, fire due signal faults. Returns (step, rank,
+        micro-batch, the fault injector if faults may fire in this batch)."""
+        step, rank = self.global_step, self.global_rank
+        micro = batch_idx % self.t.accumulate
+        faults = self.faults if micro == 0 else None  # injected faults fire in the step's first micro-batch
+        if faults is not None:
+            faults.maybe_signal(step + 1)
+        # dropout and masks are pure functions of (seed, step, rank, micro-batch): resume-exact
+        torch.manual_seed((self.t.seed + 1) * 7919 + step * 131 + rank * 17 + micro)
+        self.data_pos = (batch["epoch"], batch["index"])
+        return step, rank, micro, faults
+
+    def empty_step(self) -> torch.Tensor:
+        """The loss of a batch whose every file failed to load: zero, with a graph (DDP needs one)."""
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+
+    # ---- progress (see engine.progress.ProgressLog)
+
+    def progress_record(self, means: dict, last: dict) -> dict:
+        """The ``metrics.jsonl`` fields of a logging window, from the means of ``last_out``."""
+        return means
+
+    def progress_line(self, rec: dict) -> str:
+        return f"loss {rec['loss']:.3f}"
+
+    # ---- optimizer
+
+    def lr_schedule(self) -> Callable[[int], float]:
+        raise NotImplementedError
+
+    def optimized_parameters(self):
+        """(name, parameter) pairs the optimizer holds. Pre-training lists every parameter, the frozen
+        filterbank tables included (they never get a gradient): its checkpoints' optimizer state has
+        always been laid out that way."""
+        return self.model.named_parameters()
+
+    def param_groups(self) -> list[dict]:
+        """AdamW groups: weight decay on matrices, none on biases, norms and embeddings-as-vectors."""
+        decay, no_decay = [], []
+        for name, p in self.optimized_parameters():
+            (no_decay if p.ndim < 2 or "mask_embed" in name else decay).append(p)
+        return [{"params": decay, "weight_decay": self.t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self):
+        # not fused: Lightning clips gradients under AMP
+        opt = torch.optim.AdamW(self.param_groups(), lr=self.t.lr, betas=tuple(self.t.betas))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_schedule())
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- checkpoints
+
+    def checkpoint_config(self) -> dict:
+        """What is stored under ``CONFIG_KEY`` (and more, via ``on_save_checkpoint`` overrides)."""
+        raise NotImplementedError
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint[self.CONFIG_KEY] = self.checkpoint_config()
+        checkpoint["data_pos"] = list(self.data_pos)
+
+    def on_load_checkpoint(self, checkpoint):
+        self.data_pos = tuple(checkpoint.get("data_pos", (0, -1)))
+
+
+class EngineData(pl.LightningDataModule):
+    """Training batches as an endless resumable stream from the module's data position, and an
+    optional validation loader: ``train(start)`` and ``val()`` build them."""
+
+    def __init__(self, module: EngineModule, train: Callable, val: Callable | None = None):
+        super().__init__()
+        self.module, self.train_fn, self.val_fn = module, train, val
+
+    def train_dataloader(self):
+        epoch, index = self.module.data_pos
+        return self.train_fn((epoch, index + 1))
+
+    def val_dataloader(self):
+        return self.val_fn() if self.val_fn is not None else []
+
+
+def trainer_kwargs(t: TrainConfig) -> dict:
+    """Lightning ``Trainer`` arguments from ``train.*``: devices, precision, DDP, budgets, clipping."""
+    gpu = torch.cuda.is_available()
+    precision = {"auto": "bf16-mixed" if gpu else "32-true", "bf16": "bf16-mixed", "32": "32-true"}[t.precision]
+    devices = t.devices if t.devices == "auto" else (int(t.devices) if t.devices.isdigit() else t.devices)
+    if not gpu and devices == "auto":
+        devices = 1
+    kw = dict(
+        accelerator="gpu" if gpu else "cpu", devices=devices, num_nodes=t.num_nodes, strategy=_strategy(t, devices),
+        precision=precision, max_steps=t.max_steps, accumulate_grad_batches=t.accumulate,
+        gradient_clip_val=t.grad_clip or None, use_distributed_sampler=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, enable_checkpointing=False,
+        val_check_interval=t.val_every * t.accumulate, check_val_every_n_epoch=None,
+        log_every_n_steps=t.log_every, plugins=[AtomicCheckpointIO()],
+    )
+    if t.max_minutes > 0:
+        kw["max_time"] = timedelta(minutes=t.max_minutes)
+    return kw
+
+
+def is_multi_device(kw: dict, t: TrainConfig) -> bool:
+    devices = torch.cuda.device_count() if kw["devices"] == "auto" else kw["devices"]
+    return devices not in (0, 1, "1", [0]) or t.num_nodes > 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
+def _strategy(t: TrainConfig, devices):
+    """DDP gets the process-group timeout from the config: a collective that waits longer than
+    ``train.ddp_timeout_minutes`` (a hung or dead rank) fails instead of hanging forever."""
+    n_dev = torch.cuda.device_count() if devices == "auto" else devices
+    several = t.num_nodes > 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1 or (isinstance(n_dev, int) and n_dev > 1)
+    if t.strategy == "ddp" or (t.strategy == "auto" and several):
+        from pytorch_lightning.strategies import DDPStrategy
+
+        return DDPStrategy(timeout=timedelta(minutes=getattr(t, "ddp_timeout_minutes", 30.0)))
+    return t.strategy
+
+
+def resume_point(out: Path, key: str, differences: Callable[[dict], list[str]]) -> tuple[Path | None, int]:
+    """The newest valid checkpoint in ``out/checkpoints`` (corrupt ones set aside) and its step, after
+    checking that it was made with the same settings (``differences``, see ``check_resume``)."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return None, 0
+    state = check_resume(ckpt, key, differences)
+    return ckpt, int(state.get("global_step", 0))
+
+
+def run(module: EngineModule, data: EngineData, out: Path, t: TrainConfig, ckpt: Path | None, start_step: int,
+        problems, what: str, **trainer_overrides) -> tuple[pl.Trainer, ProgressLog]:
+    """Fit ``module`` on ``data`` into ``out`` (resuming from ``ckpt``) with every shared callback:
+    progress log, periodic atomic checkpoints, non-finite guard, stop signals, rank heartbeats."""
+    if ckpt is not None:
+        log(f"resuming from {ckpt} (step {start_step})")
+    progress = ProgressLog(out, t, start_step, problems)
+    periodic = PeriodicCheckpoint(out / "checkpoints", t.ckpt_every_steps, t.ckpt_every_minutes, t.keep_last)
+    kw = {**trainer_kwargs(t), **trainer_overrides}
+    trainer = pl.Trainer(
+        default_root_dir=str(out), logger=TensorBoardLogger(str(out), name="tensorboard", version=""),
+        callbacks=[progress, periodic, NonFiniteGuard(t.max_nonfinite), StopSignals(), RankHeartbeat(out / "heartbeat")],
+        **kw,
+    )
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
+    except Preempted as e:
+        log(f"svqmae {what}: {e.message} (exit status {e.code})")
+        raise
+    except (TrainingAborted, CheckpointError):
+        raise
+    except Exception as e:
+        if trainer.world_size > 1 and is_collective_failure(e):
+            raise explain_collective_failure(e, out / "heartbeat", t.ddp_timeout_minutes) from None
+        raise
+    return trainer, progress

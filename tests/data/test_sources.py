@@ -1,0 +1,160 @@
+"""svqmae.data: every kind of source, lenient vs strict loading, data check, batching, and a
+pre-training run that meets bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+from lhotse import RecordingSet, SupervisionSet
+
+from svqmae import cli
+from svqmae import config as C
+from svqmae.data import (
+    DataError,
+    Problems,
+    check_source,
+    cut_fields,
+    cuts_to_rows,
+    load_cut,
+    load_source,
+    load_sources,
+    write_manifest,
+)
+from tests.conftest import TINY_MODEL_OVERRIDES, harmonic_tone, write_wav
+
+
+def _bad_folder(tmp_path):
+    """A folder with good files, a corrupt one, an empty one and an 8 kHz stereo one."""
+    d = tmp_path / "mixed"
+    for i in range(3):
+        write_wav(d / "sub" / f"good{i}.wav", harmonic_tone(1.0, seed=i))
+    (d / "corrupt.wav").write_bytes(b"RIFF" + bytes(200))
+    (d / "empty.flac").write_bytes(b"")
+    x = harmonic_tone(1.5, sr=8000, seed=9)
+    sf.write(str(d / "stereo8k.wav"), np.stack([x, x], 1), 8000)
+    return d
+
+
+def test_folder_lenient_collects_problems_strict_names_the_file(tmp_path):
+    d = _bad_folder(tmp_path)
+    problems = Problems()
+    cuts = load_source(d, problems)
+    assert sorted(c.id for c in cuts) == ["stereo8k", "sub/good0", "sub/good1", "sub/good2"]
+    assert sorted(p.split("/")[-1] for p, _ in problems.items) == ["corrupt.wav", "empty.flac"]
+    with pytest.raises(DataError, match="corrupt.wav|empty.flac"):
+        load_source(d)
+    stereo = next(c for c in cuts if c.id == "stereo8k")
+    assert load_cut(stereo).shape == (24000,)  # down-mixed, resampled to 16 kHz
+
+
+def test_data_check_names_corrupt_and_empty_and_handles_8khz_stereo(tmp_path, capsys):
+    d = _bad_folder(tmp_path)
+    assert cli.main(["data", "check", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "4 usable utterances" in out
+    assert "corrupt.wav" in out and "empty.flac" in out and "problem files: 2" in out
+    assert "8000 Hz x1" in out and "16000 Hz x3" in out and "2 x1" in out  # rates and channels
+    assert "stereo8k" not in out.split("problem files")[1]
+    assert cli.main(["data", "check", str(d), "--strict"]) == 2
+
+
+def test_check_finds_truncated_and_nan_files_that_headers_miss(tmp_path):
+    d = tmp_path / "d"
+    write_wav(d / "ok.wav", harmonic_tone(1.0))
+    x = harmonic_tone(1.0)
+    x[10] = np.nan
+    sf.write(str(d / "nan.wav"), x, 16000, subtype="FLOAT")
+    f = d / "trunc.flac"
+    sf.write(str(f), np.random.default_rng(0).standard_normal(32000) * 0.1, 16000)
+    f.write_bytes(f.read_bytes()[:3000])
+    rep = check_source(d)
+    assert sorted(p.split("/")[-1] for p, _ in rep.problems.items) == ["nan.wav", "trunc.flac"]
+    assert rep.count == 1 and rep.hours == pytest.approx(1 / 3600)
+    assert len(check_source(d, decode=False).problems) == 0  # headers alone look fine
+
+
+def test_tsv_and_csv_manifests_with_segments_and_fields(tmp_path):
+    write_wav(tmp_path / "a" / "x.wav", harmonic_tone(2.0))
+    write_wav(tmp_path / "a" / "y.wav", harmonic_tone(1.0, seed=1))
+    (tmp_path / "m.tsv").write_text(
+        "path\tlabel\ttext\tspeaker\tstart\tend\n"
+        "a/x.wav\tyes\thello there\ts1\t0.5\t1.5\n"
+        "a/x.wav\tno\t\ts1\t1.5\t\n"
+        "a/y.wav\t\t\ts2\t\t\n")
+    cuts = list(load_source(tmp_path / "m.tsv"))
+    assert [round(c.duration, 3) for c in cuts] == [1.0, 0.5, 1.0]
+    assert cut_fields(cuts[0]) == {"label": "yes", "text": "hello there", "speaker": "s1"}
+    assert cut_fields(cuts[2])["label"] == "" and len({c.id for c in cuts}) == 3
+    assert load_cut(cuts[1]).shape == (8000,)
+    (tmp_path / "m.csv").write_text("path,label\na/y.wav,go\n")
+    assert cut_fields(load_source(tmp_path / "m.csv")[0])["label"] == "go"
+    # written back as a manifest, it reads the same
+    write_manifest(cuts_to_rows(cuts, tmp_path / "out"), tmp_path / "out" / "m.tsv")
+    again = list(load_source(tmp_path / "out" / "m.tsv"))
+    assert [(c.start, c.duration, cut_fields(c)) for c in again] == [(c.start, c.duration, cut_fields(c)) for c in cuts]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("file\nx.wav\n", "no 'path' column"),
+    ("path\tstart\nx.wav\tsoon\n", "row 2: 'start' is not a number"),
+    ("path\n", "header but no rows"),
+    ("", "empty manifest"),
+])
+def test_bad_manifests_name_the_file(tmp_path, text, match):
+    write_wav(tmp_path / "x.wav", harmonic_tone(0.5))
+    m = tmp_path / "bad.tsv"
+    m.write_text(text)
+    with pytest.raises(DataError, match=match) as e:
+        load_source(m)
+    assert str(m) in str(e.value)
+
+
+def test_lhotse_cutset_and_recording_supervision_manifests(tmp_path):
+    write_wav(tmp_path / "x.wav", harmonic_tone(2.0))
+    (tmp_path / "m.tsv").write_text("path\tlabel\tspeaker\tstart\tend\nx.wav\tup\tspk\t0\t1\nx.wav\tdown\tspk\t1\t2\n")
+    cuts = load_source(tmp_path / "m.tsv")
+    cuts.to_file(tmp_path / "cuts.jsonl.gz")
+    back = load_source(tmp_path / "cuts.jsonl.gz")
+    assert [cut_fields(c)["label"] for c in back] == ["up", "down"]
+    # recordings + supervisions, the pair found by name; cuts trimmed to the supervisions
+    recs = RecordingSet.from_recordings({c.recording.id: c.recording for c in cuts}.values())
+    sups = SupervisionSet.from_segments(
+        s.with_offset(c.start) for c in cuts for s in c.supervisions)
+    recs.to_file(tmp_path / "x_recordings_dev.jsonl.gz")
+    sups.to_file(tmp_path / "x_supervisions_dev.jsonl.gz")
+    for name in ("x_recordings_dev.jsonl.gz", "x_supervisions_dev.jsonl.gz"):
+        pair = load_source(tmp_path / name)
+        assert sorted((round(c.start, 2), round(c.duration, 2), cut_fields(c)["label"]) for c in pair) == [
+            (0.0, 1.0, "up"), (1.0, 1.0, "down")]
+    (tmp_path / "x.wav").unlink()
+    with pytest.raises(DataError, match="x.wav: file not found"):
+        load_source(tmp_path / "cuts.jsonl.gz")
+
+
+def test_several_sources_with_clashing_ids_stay_distinct(tmp_path):
+    for d in ("a", "b"):
+        write_wav(tmp_path / d / "same.wav", harmonic_tone(0.6))
+    cuts = load_sources([tmp_path / "a", tmp_path / "b"], Problems())
+    assert len(cuts) == 2 and len({c.id for c in cuts}) == 2
+
+
+def test_pretrain_on_a_folder_with_bad_files_finishes_and_reports_them(tmp_path, capfd):
+    from svqmae.tasks.pretrain import pretrain
+
+    d = tmp_path / "data"
+    for i in range(8):
+        write_wav(d / f"good{i}.wav", harmonic_tone(1.0 + 0.1 * i, seed=i))
+    (d / "corrupt.wav").write_bytes(b"RIFF" + bytes(100))
+    x = harmonic_tone(1.0)
+    x[5] = np.nan  # passes the header scan, fails when loaded for a batch
+    sf.write(str(d / "nan.wav"), x, 16000, subtype="FLOAT")
+    cfg = C.resolve("tiny", overrides=[*TINY_MODEL_OVERRIDES, "train.max_steps=3", "train.max_batch_seconds=20",
+                                       "train.max_utt_seconds=2", "train.num_workers=0", "train.val_items=0",
+                                       "train.log_every=1", "train.warmup_steps=1"])
+    model = pretrain([str(d)], tmp_path / "run", cfg)
+    assert (model / "model.safetensors").is_file()
+    skipped = (tmp_path / "run" / "skipped_files.tsv").read_text()
+    assert "corrupt.wav" in skipped and "nan.wav" in skipped and "NaN" in skipped
+    err = capfd.readouterr().err
+    assert "corrupt.wav" in err and "nan.wav" in err

@@ -1,0 +1,76 @@
+"""svqmae.synth: the eSpeak NG demo corpus is deterministic, speaker-disjoint and labelled as documented."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+
+import pytest
+
+from svqmae import cli
+from svqmae.data import load_source
+from svqmae.data.synth import KS_CLASSES, STYLES, TASKS, plan, synthesize
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "a"
+    assert cli.main(["data", "synth", "--out", str(out), "--minutes", "0.5", "--seed", "7"]) == 0
+    return out
+
+
+def test_same_seed_gives_identical_manifests_and_audio(corpus, tmp_path):
+    again = tmp_path / "b"
+    synthesize(again, minutes=0.5, seed=7, workers=1, log=lambda m: None)  # another worker count
+    files = sorted(p.relative_to(corpus) for p in corpus.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert any(f.suffix == ".flac" for f in files)
+    differ = [str(f) for f in files if (corpus / f).read_bytes() != (again / f).read_bytes()]
+    assert not differ, f"{len(differ)} of {len(files)} files differ: {differ[:5]}"
+
+
+def test_layout_labels_and_speaker_disjoint_splits(corpus):
+    for task in TASKS:
+        train, test = _rows(corpus / task / "train.tsv"), _rows(corpus / task / "test.tsv")
+        assert train and test
+        spk_train = {r["speaker"] for r in train if r.get("speaker")}
+        spk_test = {r["speaker"] for r in test if r.get("speaker")}
+        assert spk_test and not spk_train & spk_test, task
+        variants = lambda spk: {s.split("+")[1] for s in spk}  # noqa: E731
+        assert not variants(spk_train) & variants(spk_test), task  # test voices unheard in training
+    kw = _rows(corpus / "keywords" / "train.tsv") + _rows(corpus / "keywords" / "test.tsv")
+    assert {r["label"] for r in kw} == set(KS_CLASSES)
+    assert all(float(r["seconds"]) == 1.0 for r in kw)
+    assert {r["label"] for r in _rows(corpus / "styles" / "test.tsv")} == set(STYLES)
+    zh = _rows(corpus / "mandarin" / "train.tsv")
+    assert all(r["text"] and all("\u4e00" <= ch <= "\u9fff" for ch in r["text"]) for r in zh)
+    en = _rows(corpus / "english" / "train.tsv")
+    assert all(r["text"] == r["text"].upper() and " " in r["text"] for r in en)
+    # pretrain.tsv: every train file of every task, loadable as a source
+    pre = load_source(corpus / "pretrain.tsv")
+    assert len(pre) == sum(len(_rows(corpus / t / "train.tsv")) for t in TASKS)
+
+
+def test_styles_differ_in_rate_as_designed():
+    items = [u for u in plan(20, seed=1) if u.task == "styles"]
+    rate = {s: statistics.mean(u.rate for u in items if u.label == s) for s in STYLES}
+    pitch = {s: statistics.mean(u.pitch for u in items if u.label == s) for s in STYLES}
+    assert rate["sad"] < rate["neutral"] < rate["happy"] < rate["angry"]
+    assert pitch["sad"] < pitch["neutral"] < pitch["happy"]
+
+
+def test_plan_depends_on_seed_and_scales_with_minutes():
+    a, b = plan(5, seed=0), plan(5, seed=1)
+    assert a == plan(5, seed=0) and a != b
+    assert len(plan(20, seed=0)) > 3 * len(a)
+
+
+def test_reuses_a_finished_corpus(corpus, capsys):
+    synthesize(corpus, minutes=0.5, seed=7)
+    assert "reusing" in capsys.readouterr().out

@@ -1,0 +1,104 @@
+"""Fault injection: non-finite losses (also on one rank of a 2-process gloo DDP run), out-of-memory,
+truncated checkpoints, a full disk, a checkpoint from another model configuration, pickled code."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import svqmae
+from svqmae import config as C
+from svqmae.cli import build_parser
+from svqmae.engine.checkpoint import (
+    TrainingAborted,
+)
+from svqmae.engine.faults import Fault, parse_fault
+from svqmae.tasks.pretrain import pretrain
+from tests.tasks.test_pretrain import cli_args, tiny_cfg, write_audio
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_audio(tmp_path_factory.mktemp("res") / "audio")
+
+
+def test_fault_specs_parse_and_reach_the_config():
+    assert parse_fault("nan@20") == Fault("nan", 20, 0)
+    assert parse_fault("oom@3:rank1") == parse_fault("oom@3:1") == Fault("oom", 3, 1)
+    for bad in ("nan", "boom@3", "nan@0", "nan@x", "sigterm@3:rankx"):
+        with pytest.raises(C.ConfigError, match="--inject-fault"):
+            parse_fault(bad)
+    args = build_parser().parse_args(["pretrain", "--data", "d", "--out", "o", "--set", "train.lr=1e-3",
+                                      "--inject-fault", "nan@5:rank1", "--inject-fault", "sigkill@9"])
+    assert C.resolve("tiny", overrides=args.set).train.inject_faults == ["nan@5:rank1", "sigkill@9"]
+
+
+def _states(out: Path) -> dict[int, dict]:
+    return {int(p.stem[4:]): torch.load(p, weights_only=True)["state_dict"]
+            for p in (out / "checkpoints").glob("step*.ckpt")}
+
+
+def test_nan_steps_are_skipped_then_too_many_in_a_row_stop_the_run(tmp_path, data, capfd):
+    out = tmp_path / "nan"
+    cfg = tiny_cfg("train.ckpt_every_steps=1", "train.keep_last=20", "train.max_nonfinite=2",
+                   "train.inject_faults=[nan@3, nan@6, nan@7]")
+    with pytest.raises(TrainingAborted, match=r"step 7: 2 steps in a row had non-finite.*step00000006.ckpt") as e:
+        pretrain([str(data)], out, cfg)
+    assert "train.max_nonfinite=2" in str(e.value)
+    err = capfd.readouterr().err
+    assert "step 3: non-finite loss or gradients" in err and "update skipped" in err
+    s = _states(out)
+    assert sorted(s) == [1, 2, 3, 4, 5, 6]
+    same = [all(torch.equal(s[k - 1][n], s[k][n]) for n in s[k]) for k in range(2, 7)]
+    assert same == [False, True, False, False, True]  # steps 3 and 6 changed nothing
+    recs = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    assert recs[2]["nonfinite_skipped"] == 0 and recs[3]["nonfinite_skipped"] == 1 and recs[6]["nonfinite_skipped"] == 2
+    assert recs[3]["loss"] is None and recs[4]["loss"] > 0  # the skipped step stays out of the loss curve
+
+
+def test_oom_retries_the_batch_split_in_two_then_repeated_oom_stops_with_advice(tmp_path, data, capfd):
+    out = tmp_path / "oom"
+    cfg = tiny_cfg("train.ckpt_every_steps=2", "train.inject_faults=[oom@2, oom@4, oom@4]")
+    with pytest.raises(TrainingAborted, match="out of memory again.*lower train.max_batch_seconds"):
+        pretrain([str(data)], out, cfg)
+    err = capfd.readouterr().err
+    assert "step 2: out of memory on a batch of 2 utterances" in err and "retrying it split in two" in err
+    recs = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    assert recs[1]["oom_retries"] == 0 and recs[2]["oom_retries"] == 1 and recs[3]["loss"] > 0
+    assert max(_states(out)) == 2  # the step-2 checkpoint is the last good one
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_nan_on_one_rank_of_two_skips_the_step_on_both_without_deadlock(tmp_path, data):
+    out = tmp_path / "ddp"
+    args = cli_args(data, out, "--max-steps", "4", "--devices", "2", "--set", "train.strategy=ddp",
+                    "--set", "train.ddp_timeout_minutes=1", "--set", "train.ckpt_every_steps=0",
+                    "--set", "train.val_every=100", "--inject-fault", "nan@2:rank1")
+    env = dict(os.environ, PYTHONPATH=str(Path(svqmae.__file__).parents[1]), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), WORLD_SIZE="2", NODE_RANK="0", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "svqmae.cli", *args], stderr=subprocess.PIPE, text=True,
+                              env=dict(env, LOCAL_RANK=str(r), RANK=str(r))) for r in (0, 1)]
+    try:
+        errs = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-1500:] + errs[1][-1500:]
+    assert "injecting fault nan@2:rank1" in errs[1]
+    assert "step 2: non-finite loss or gradients on at least one rank; update skipped on every rank" in errs[0]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in recs if "loss" in r}
+    assert sorted(train) == [1, 2, 3, 4] and train[1]["nonfinite_skipped"] == 0 and train[4]["nonfinite_skipped"] == 1
+    assert (out / "model" / "model.safetensors").is_file()

@@ -1,0 +1,167 @@
+"""CTC fine-tuning, transcription and scoring on a tiny model and a synthetic spelled-letters set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import svqmae
+from svqmae import config as C
+from svqmae.cli import main
+from svqmae.config import resolve_finetune
+from svqmae.model import SVQMAE, save_model
+from svqmae.tasks.finetune import finetune
+from svqmae.tasks.recognizer import load_recognizer
+from tests.conftest import FINETUNE_FAST, TINY_MODEL_OVERRIDES, write_spelled_set
+
+TINY, FAST = TINY_MODEL_OVERRIDES, FINETUNE_FAST
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small gain nothing from intra-op threads, and lose a lot on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def pretrained(path):
+    """A 'pre-trained' tiny model folder (random weights, saved the way `svqmae pretrain` saves)."""
+    cfg = C.resolve("tiny", overrides=TINY)
+    torch.manual_seed(0)
+    return save_model(SVQMAE(cfg.model), cfg, path)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Fine-tune for 15 steps, then rerun the same command with a larger budget (resume) to 25."""
+    root = tmp_path_factory.mktemp("ft")
+    train = write_spelled_set(root / "train", 12, seed=0)
+    lines = train.read_text().splitlines()
+    lines.append("audio/utt000.wav\t1.0\tspk0\t")  # an empty transcript: skipped with a count
+    train.write_text("\n".join(lines) + "\n")
+    dev = write_spelled_set(root / "dev", 4, seed=1, texts=["abe", "cd", "dab", "bc"])  # e: unseen
+    model = pretrained(root / "pre")
+    out = root / "run"
+    first = finetune(str(model), [str(train)], [str(dev)], out, overrides=FAST + ["train.max_steps=15"])
+    ckpt_steps = sorted(p.name for p in (out / "checkpoints").glob("step*.ckpt"))
+    metrics_first = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    second = finetune(str(model), [str(train)], [str(dev)], out, overrides=FAST + ["train.max_steps=25"])
+    return {"root": root, "train": train, "dev": dev, "out": out, "model": second, "first": first,
+            "ckpts": ckpt_steps, "metrics_first": metrics_first}
+
+
+def test_finetune_loss_falls_and_writes_a_self_contained_model(run):
+    steps = [m for m in run["metrics_first"] if "loss" in m]
+    assert steps[0]["frozen"] and not steps[-1]["frozen"]  # the encoder thaws after ctc.freeze_steps
+    assert steps[-1]["loss"] < 0.7 * steps[0]["loss"]
+    d = run["model"]
+    assert {"config.json", "model.safetensors", "ctc.json", "units.txt"} <= {p.name for p in d.iterdir()}
+    assert not list(d.glob("*.pt")) and not list(d.glob("*.ckpt")) and not list(d.glob("*.pkl"))
+    rec = load_recognizer(run["out"])  # the run DIR works too
+    assert rec.units.labels[2:] == ["a", "b", "c", "d"]
+    enc = svqmae.load(d)  # the fine-tuned encoder alone
+    hidden, _ = enc.extract(torch.zeros(1, 16000))
+    assert len(hidden) == 3 and hidden[-1].shape == (1, 25, 64)
+
+
+def test_resume_continues_from_the_last_checkpoint(run, capfd):
+    assert "step00000010.ckpt" in run["ckpts"]
+    steps = [m["step"] for m in (json.loads(x) for x in (run["out"] / "metrics.jsonl").read_text().splitlines())
+             if "loss" in m]
+    assert steps[-1] == 25 and steps.count(20) == 1 and 0 not in steps
+    assert steps.index(20) > steps.index(15)  # continued, not restarted
+    meta = json.loads((run["model"] / "config.json").read_text())
+    assert meta["card"]["steps"] == 25
+
+
+def test_transcribe_prints_text_for_each_file(run, capsys, tmp_path):
+    out = tmp_path / "hyp.json"
+    assert main(["transcribe", "--model", str(run["out"]), str(run["dev"].parent / "audio"), "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.split("\t")[0].endswith(".wav") for line in lines)
+    rows = json.loads(out.read_text())
+    assert [r["text"] for r in rows] == [line.split("\t")[1] for line in lines]
+    assert all(set(r["text"]) <= set("abcd") for r in rows)
+    # beam search (pyctcdecode) on one file given directly
+    assert main(["transcribe", "--model", str(run["model"]), "--beam", "4",
+                 str(run["dev"].parent / "audio" / "utt000.wav")]) == 0
+    path, text = capsys.readouterr().out.rstrip("\n").split("\t")
+    assert path.endswith("utt000.wav") and set(text) <= set("abcd")
+
+
+def test_score_reports_cer_with_interval_and_unseen_characters(run, capsys, tmp_path):
+    report_file = tmp_path / "report.json"
+    assert main(["score", "--model", str(run["model"]), "--data", str(run["dev"]), "--out", str(report_file)]) == 0
+    cap = capsys.readouterr()
+    assert "CER" in cap.out and "unseen" in cap.err
+    r = json.loads(report_file.read_text())
+    assert r["utterances"] == 4 and 0.0 <= r["cer"] <= 3.0
+    assert r["cer_ci95"][0] <= r["cer"] <= r["cer_ci95"][1]
+    assert r["unseen_characters"] == {"e": 1} and r["utterances_with_unseen_characters"] == 1
+    assert r["worst"][0]["char_errors"] >= r["worst"][-1]["char_errors"]
+
+
+def test_training_log_counts_empty_transcripts_and_unseen_characters(run, capfd):
+    model = pretrained(run["root"] / "pre2")
+    finetune(str(model), [str(run["train"])], [str(run["dev"])], run["root"] / "short",
+             overrides=FAST + ["train.max_steps=1"])
+    err = capfd.readouterr().err
+    assert "train: skipped 1 utterance(s): empty or missing transcript" in err
+    assert "dev: 1 character(s) unseen in the training transcripts map to <unk>: 'e'x1" in err
+
+
+def test_cli_errors_are_one_line(run, capsys, tmp_path):
+    assert main(["transcribe", "--model", str(run["root"] / "pre"), str(run["dev"])]) == 2
+    assert "no ctc.json" in capsys.readouterr().err
+    bad = tmp_path / "notext.tsv"
+    bad.write_text(f"path\n{run['dev'].parent / 'audio' / 'utt000.wav'}\n")
+    assert main(["finetune", "--model", "random", "--preset", "tiny", "--train", str(bad), "--dev", str(bad),
+                 "--out", str(tmp_path / "x"), "--set", "model.encoder.layers=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("svqmae finetune: error:") and "notext.tsv" in err and "transcript" in err
+    assert main(["score", "--model", str(run["model"]), "--data", str(bad), "--out", str(tmp_path / "r.json")]) == 2
+    assert "notext.tsv" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(run["root"] / "pre"), "--preset", "small", "--train", str(bad),
+                 "--dev", str(bad), "--out", str(tmp_path / "y")]) == 2
+    assert "--preset is only for" in capsys.readouterr().err
+
+
+def test_config_resolution():
+    pre = C.resolve("tiny", overrides=TINY)
+    cfg = resolve_finetune(None, pre, overrides=["model.encoder.dropout=0.2", "units.kind=bpe"])
+    assert cfg.preset == "tiny" and cfg.model.encoder.dim == 64 and cfg.model.encoder.dropout == 0.2
+    assert cfg.units.kind == "bpe" and cfg.train.max_steps == 2000  # the tiny fine-tuning preset
+    with pytest.raises(C.ConfigError, match="model.encoder.layers"):
+        resolve_finetune(None, pre, overrides=["model.encoder.layers=3"])
+    with pytest.raises(C.ConfigError, match="ctc.nope"):
+        resolve_finetune("tiny", overrides=["ctc.nope=1"])
+    with pytest.raises(C.ConfigError, match="units.kind"):
+        resolve_finetune("tiny", overrides=["units.kind=words"])
+
+
+
+
+def test_corrupt_checkpoint_is_set_aside_and_the_previous_one_resumed(run, tmp_path, capfd):
+    """Fine-tuning shares pre-training's checkpoint path: checksums verified, a damaged one set aside."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(run["out"], out)
+    newest = sorted((out / "checkpoints").glob("step*.ckpt"))[-1]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the checksum can tell
+    newest.write_bytes(bytes(data))
+    capfd.readouterr()
+    finetune(str(run["root"] / "pre"), [str(run["train"])], [str(run["dev"])], out,
+             overrides=FAST + ["train.max_steps=26"])
+    err = capfd.readouterr().err
+    assert f"{newest} is corrupt" in err and (out / "checkpoints" / f"{newest.name}.corrupt").is_file()
+    previous = sorted(p.name for p in (out / "checkpoints").glob("step*.ckpt") if p.name < newest.name)[-1]
+    assert f"resuming from {out / 'checkpoints' / previous}" in err
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]  # the same progress log as pre-training's
+    assert all({"nonfinite_skipped", "oom_retries", "audio_seconds_per_s", "lr"} <= set(r) for r in steps)

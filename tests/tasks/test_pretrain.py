@@ -1,0 +1,135 @@
+"""The pre-training engine on a really tiny model: loss falls, the run writes its files, and a run
+killed with kill -9 (or stopped by SIGTERM) and resumed reaches exactly the uninterrupted run's
+step, weights and optimizer state."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import svqmae
+from svqmae import config as C
+from svqmae.engine.checkpoint import latest_checkpoint
+from svqmae.engine.faults import StopSignals
+from svqmae.tasks.pretrain import pretrain
+from tests.conftest import harmonic_tone, write_wav
+
+STEPS = 12
+# a 1-layer, 32-wide model; 3 batches per epoch, so 12 steps cross epochs; a checkpoint every 4 steps
+RUN = ["model.encoder.layers=1", "model.encoder.dim=32", "model.encoder.heads=2", "model.encoder.ffn_dim=64",
+       "model.decoder.layers=1", "model.decoder.dim=32", "model.decoder.heads=2", "model.decoder.ffn_dim=64",
+       "model.quantizer.codebook_size=32", "train.max_batch_seconds=3", "train.max_utt_seconds=1.5",
+       "train.num_workers=0", "train.val_items=2", "train.log_every=1", "train.ckpt_every_steps=4",
+       "train.ckpt_every_minutes=0", "train.val_every=5", "train.warmup_steps=2", f"train.max_steps={STEPS}"]
+
+
+def write_audio(folder: Path) -> Path:
+    for i in range(8):
+        write_wav(folder / f"u{i}.wav", harmonic_tone(1.5, f0=110 + 20 * i, seed=i))
+    return folder
+
+
+def tiny_cfg(*extra: str) -> C.Config:
+    return C.resolve("tiny", overrides=RUN + list(extra))
+
+
+def cli_args(data: Path, out: Path, *extra: str) -> list[str]:
+    args = ["pretrain", "--data", str(data), "--out", str(out), "--preset", "tiny"]
+    for o in RUN:
+        args += ["--set", o]
+    return args + list(extra)
+
+
+def losses(out: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Same final weights (bit for bit), optimizer and scheduler state, and loss curve."""
+    wa, wb = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    ca = torch.load(a / "checkpoints" / f"step{STEPS:08d}.ckpt", weights_only=True)
+    cb = torch.load(b / "checkpoints" / f"step{STEPS:08d}.ckpt", weights_only=True)
+    assert ca["global_step"] == cb["global_step"] == STEPS
+    oa, ob = ca["optimizer_states"][0]["state"], cb["optimizer_states"][0]["state"]
+    assert oa.keys() == ob.keys() and len(oa) > 0
+    for k in oa:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(oa[k][name], ob[k][name]), (k, name)
+    assert ca["lr_schedulers"] == cb["lr_schedulers"]
+    assert losses(a) == losses(b)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = write_audio(root / "audio")
+    pretrain([str(data)], root / "ref", tiny_cfg())
+    return root, data, root / "ref"
+
+
+def test_tiny_run_writes_its_files_and_loss_falls(reference):
+    _, _, out = reference
+    assert C.from_dict(yaml.safe_load((out / "config.yaml").read_text())).model.encoder.dim == 32
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    for key in ("loss", "masked_acc", "audio_seconds_per_s", "nonfinite_skipped", "oom_retries"):
+        assert key in train[0]
+    first, last = sum(r["loss"] for r in train[:3]) / 3, sum(r["loss"] for r in train[-3:]) / 3
+    assert last < first - 0.02, (first, last)
+    assert any("val_loss" in r for r in recs)
+    # keep the last 2 periodic checkpoints plus the best by validation loss, each with a checksum
+    names = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
+    assert names == ["best.ckpt", "step00000008.ckpt", f"step{STEPS:08d}.ckpt"]
+    for n in names:
+        meta = json.loads((out / "checkpoints" / f"{n}.sha256.json").read_text())
+        assert meta["bytes"] == (out / "checkpoints" / n).stat().st_size
+    model = svqmae.load(out / "model")
+    hidden, lengths = model.extract(torch.zeros(1, 16000))
+    assert len(hidden) == 2 and hidden[-1].shape == (1, int(lengths[0]), 32)
+
+
+def test_kill9_at_a_random_step_then_resume_matches_the_uninterrupted_run(reference, tmp_path):
+    root, data, ref = reference
+    kill_at = random.Random(7).randint(5, STEPS - 1)  # a step that is not a checkpoint boundary
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(Path(svqmae.__file__).parents[1]))
+    proc = subprocess.run([sys.executable, "-m", "svqmae.cli", *cli_args(data, out, "--inject-fault", f"sigkill@{kill_at}")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    last = latest_checkpoint(out)
+    assert last is not None and last.name == f"step{(kill_at - 1) // 4 * 4:08d}.ckpt"
+    assert not (out / "model").exists()
+    # the same call again (the injected fault already fired, so it is not repeated) resumes
+    pretrain([str(data)], out, tiny_cfg(f"train.inject_faults=[sigkill@{kill_at}]"))
+    assert_same_run(ref, out)
+
+
+def test_sigterm_writes_a_checkpoint_exits_143_and_resumes_exactly(reference, tmp_path, capfd):
+    _, data, ref = reference
+    out = tmp_path / "preempted"
+    cfg = tiny_cfg("train.inject_faults=[sigterm@6]")
+    with pytest.raises(SystemExit) as e:
+        pretrain([str(data)], out, cfg)
+    assert e.value.code == 128 + signal.SIGTERM
+    err = capfd.readouterr().err
+    assert "stopped by SIGTERM at step 6" in err and "run the same command again to resume" in err
+    assert latest_checkpoint(out).name == "step00000006.ckpt"
+    assert not isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), StopSignals)  # restored
+    pretrain([str(data)], out, cfg)
+    assert "resuming from" in capfd.readouterr().err
+    assert_same_run(ref, out)
