@@ -30,12 +30,17 @@ class FeatureConfig:
     frame_length_ms: float = 25.0
     frame_shift_ms: float = 10.0
     stack: int = 4  # frames per token: 4 -> 40 ms tokens (25 Hz), 2 -> 50 Hz
+    # "utterance": each utterance's mel bins to zero mean, unit variance (removes loudness and level);
+    # "global": fixed per-bin statistics of the pre-training corpus, estimated before the first step and
+    # saved with the model (keeps each utterance's loudness and level, which carry emotion)
+    norm: str = "utterance"
 
 
 @dataclass
 class MaskConfig:
     ratio: float = 0.7  # share of (non-padding) tokens that are masked, exact per utterance
     span: int = 3  # tokens per masked span
+    count: int = 1  # masks drawn per utterance and step; the front end and quantizer run once for all of them
 
 
 @dataclass
@@ -202,7 +207,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # RETIRED_KEYS: written by those versions, meaningless now; dropped on load (in a user's YAML they are errors).
 # ADDED_KEYS: added since, with the value that reproduces what a model saved before them did.
 RETIRED_KEYS = {"train.compile"}
-ADDED_KEYS = {"model.decoder_conv": 0}
+ADDED_KEYS = {"model.decoder_conv": 0, "model.features.norm": "utterance", "model.mask.count": 1}
 
 
 def apply_saved(cfg: Any, d: dict[str, Any], source: str) -> None:
@@ -292,6 +297,8 @@ def validate(cfg: Config, source: str) -> None:
     need(m.quantizer.kind in ("random", "learned"), f"model.quantizer.kind must be random or learned, got {m.quantizer.kind!r}")
     need(0.0 < m.mask.ratio < 1.0, f"model.mask.ratio must be in (0, 1), got {m.mask.ratio}")
     need(m.mask.span >= 1, "model.mask.span must be >= 1")
+    need(m.mask.count >= 1, "model.mask.count must be >= 1")
+    need(m.features.norm in ("utterance", "global"), f"model.features.norm must be utterance or global, got {m.features.norm!r}")
     need(m.features.stack >= 1, "model.features.stack must be >= 1")
     need(m.decoder_conv == 0 or (m.decoder_conv > 0 and m.decoder_conv % 2 == 1),
          f"model.decoder_conv must be 0 (none) or an odd kernel size, got {m.decoder_conv}")

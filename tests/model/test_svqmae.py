@@ -130,3 +130,23 @@ def test_loss_falls_on_a_tiny_run():
 
 def test_padding_mask_polarity():
     assert padding_mask(torch.tensor([2, 0]), 3).tolist() == [[False, False, True], [True, True, True]]
+
+
+def test_several_masks_per_utterance_share_one_front_end_pass():
+    torch.manual_seed(0)
+    waves, lengths = batch()
+    one = SVQMAE(tiny_cfg().model).train()
+    three = SVQMAE(tiny_cfg("model.mask.count=3").model).train()
+    three.load_state_dict(one.state_dict())
+    calls = []
+    three.frontend.register_forward_hook(lambda *a: calls.append(1))
+    a = one(waves, lengths, torch.Generator().manual_seed(0))
+    b = three(waves, lengths, torch.Generator().manual_seed(0))
+    assert len(calls) == 1  # one front end (and quantizer) pass for the three masked copies
+    assert float(b["tokens"]) == 3 * float(a["tokens"]) and float(b["visible_tokens"]) == 3 * float(a["visible_tokens"])
+    assert float(b["code_perplexity"]) == float(a["code_perplexity"])  # code statistics of the utterances, once
+    assert torch.isfinite(b["loss"]) and abs(float(b["loss"]) - float(a["loss"])) < 0.5
+    tokens, tok_len = three.frontend(waves, lengths)
+    T = tokens.shape[1]
+    masks = span_mask(tok_len.repeat(3), T, 0.7, 3, torch.Generator().manual_seed(0)).view(3, -1, T)
+    assert not torch.equal(masks[0], masks[1])  # each copy gets its own mask

@@ -6,8 +6,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from svqmae import cli
+from svqmae.config import ConfigError
 from svqmae.data import DataError
 from svqmae.tasks.evaluate import bootstrap_ci, evaluate
 from svqmae.tasks.evaluate.features import FeatureStore
@@ -45,6 +47,22 @@ def test_fbank_classify_report_plots_and_interval(pitch, tmp_path):
     assert (tmp_path / "report_layers.png").stat().st_size > 1000
     # the dev set was held out by speaker: none of its speakers trained the head
     assert r["runs"][0]["dev_split"] == "speaker"
+
+
+def test_head_learning_rate_is_chosen_on_dev_from_the_grid_or_given(pitch):
+    from svqmae.tasks.evaluate.heads import LR_GRID
+
+    auto = evaluate("fbank", "classify", pitch["train"], pitch["test"], cache=pitch["cache"], **FAST)
+    run = auto["runs"][0]
+    assert set(run["lr_search"]) == {f"{lr:g}" for lr in LR_GRID["utterance"]}
+    best = max(run["lr_search"].values())
+    assert run["lr"] in LR_GRID["utterance"] and run["lr_search"][f"{run['lr']:g}"] == best
+    assert run["dev_accuracy"] == best and auto["head_lr"] == [run["lr"]]
+    fixed = evaluate("fbank", "classify", pitch["train"], pitch["test"], cache=pitch["cache"], lr=3e-3, **FAST)
+    assert fixed["head_lr"] == [3e-3] and "lr_search" not in fixed["runs"][0]
+    for bad in ("fast", -1):
+        with pytest.raises(ConfigError, match="lr must be"):
+            evaluate("fbank", "classify", pitch["train"], pitch["test"], cache=pitch["cache"], lr=bad, **FAST)
 
 
 def test_features_are_cached_and_results_reproducible(pitch):
@@ -148,3 +166,22 @@ def test_bootstrap_interval():
     lo, hi = bootstrap_ci(correct, n_boot=500)
     assert lo < 0.8 < hi and hi - lo < 0.2
     assert bootstrap_ci(np.ones(10)) == [1.0, 1.0]
+
+
+def test_probes_trained_side_by_side_equal_separate_fits():
+    from svqmae.tasks.evaluate.heads import fit_utterance, fit_utterance_grid
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 4, 16, generator=g)
+    y = torch.arange(90) % 3
+    X = centers[y] + 1.5 * torch.randn(90, 4, 16, generator=g)  # (N, L, D): 3 noisy classes
+    o = dict(seed=0, epochs=25, patience=5, batch_size=16, progress=False)
+    lrs = (1e-3, 1e-2)
+    head, info = fit_utterance_grid(X[:60], y[:60], X[60:], y[60:], 3, True, o, lrs=lrs)
+    for lr in lrs:
+        alone, alone_info = fit_utterance(X[:60], y[:60], X[60:], y[60:], 3, True, {**o, "lr": lr})
+        assert info["lr_search"][f"{lr:g}"] == alone_info["dev_accuracy"]
+        if lr == info["lr"]:
+            assert info["epochs"] == alone_info["epochs"]
+            for a, b in zip(head.state_dict().values(), alone.state_dict().values()):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -133,3 +133,16 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resumes_exactly(reference, tm
     pretrain([str(data)], out, cfg)
     assert "resuming from" in capfd.readouterr().err
     assert_same_run(ref, out)
+
+
+def test_global_norm_statistics_are_estimated_once_and_saved(tmp_path):
+    data = write_audio(tmp_path / "audio")
+    out = tmp_path / "run"
+    pretrain([str(data)], out, tiny_cfg("model.features.norm=global", "train.max_steps=2"))
+    model = svqmae.load(out / "model")
+    mean, std = model.frontend.global_mean, model.frontend.global_std
+    assert float(mean.abs().sum()) > 0 and not torch.allclose(std, torch.ones_like(std))
+    # resuming does not estimate again: the statistics come with the checkpoint
+    pretrain([str(data)], out, tiny_cfg("model.features.norm=global", "train.max_steps=3"))
+    again = svqmae.load(out / "model")
+    assert torch.equal(again.frontend.global_mean, mean) and torch.equal(again.frontend.global_std, std)

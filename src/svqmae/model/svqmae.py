@@ -104,11 +104,19 @@ class SVQMAE(nn.Module):
         self, waves: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator
     ) -> dict[str, torch.Tensor]:
         """One pre-training step's forward. waves: (B, S) 16 kHz; lengths: (B,) samples.
-        ``generator`` (CPU) draws the masks. Returns the loss and metrics (scalars)."""
+        ``generator`` (CPU) draws the masks (``model.mask.count`` per utterance: the front end and the
+        quantizer run once, the encoder and decoder on every masked copy). Returns the loss and metrics
+        (scalars; ``tokens`` and ``visible_tokens`` count the masked copies)."""
         tokens, tok_len = self.frontend(waves, lengths)  # (B, T, C), (B,)
         B, T, _ = tokens.shape
         codes = self.quantizer(tokens)  # (B, T, G) targets
+        valid = ~padding_mask(tok_len, T)  # (B, T)
+        if self.training:
+            self.quantizer.update(tokens, codes, valid)
+        stats = code_stats(codes, valid, self.cfg.quantizer.codebook_size)
         m = self.cfg.mask
+        if m.count > 1:  # the same utterances under m.count masks (data2vec 2.0's multi-mask): B -> count * B
+            tokens, codes, tok_len = tokens.repeat(m.count, 1, 1), codes.repeat(m.count, 1, 1), tok_len.repeat(m.count)
         mask = span_mask(tok_len.cpu(), T, m.ratio, m.span, generator).to(tokens.device)  # (B, T)
         if self.cfg.variant == "svqmae":
             latent, idx, n_vis = self.forward_encoder(tokens, mask, tok_len)  # (B, V, D)
@@ -116,10 +124,8 @@ class SVQMAE(nn.Module):
         else:
             h = self.forward_encoder_only(tokens, mask, tok_len)  # (M, D)
         out = self.forward_loss(h, codes, tokens, mask)
+        out.update(stats)
         valid = ~padding_mask(tok_len, T)
-        if self.training:
-            self.quantizer.update(tokens, codes, valid)
-        out.update(code_stats(codes, valid, self.cfg.quantizer.codebook_size))
         out["visible_tokens"] = (valid & ~mask).sum().float()
         out["tokens"] = valid.sum().float()
         return out

@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 
 from .. import config as C
-from ..data import DataError, Problems, load_sources, pretrain_loader, split_heldout
+from ..data import AudioError, DataError, Problems, load_cut, load_sources, pretrain_loader, split_heldout
 from ..engine.args import add_config_args, add_engine_args, add_fault_injection_arg, resolve_args
 from ..engine.checkpoint import TrainingAborted
 from ..engine.faults import forward_with_oom_retry
@@ -152,6 +152,31 @@ def final_metrics(out: Path) -> dict[str, str]:
     return {names[k]: f"{v:.4f}" for k, v in last.items() if isinstance(v, (int, float))}
 
 
+def estimate_global_stats(model: SVQMAE, cuts, max_cuts: int = 256) -> tuple[int, float]:
+    """Set ``model.frontend``'s corpus statistics (``model.features.norm: global``) from the log-mel
+    frames of the first ``max_cuts`` cuts (at most 30 s each). Returns (cuts, hours) used."""
+    sr = model.cfg.features.sample_rate
+    total, sq, frames, used, seconds = 0.0, 0.0, 0, 0, 0.0
+    with torch.no_grad():
+        for cut in cuts:
+            if used >= max_cuts:
+                break
+            try:
+                x = torch.from_numpy(load_cut(cut, sr)[: 30 * sr])[None]
+            except AudioError:
+                continue
+            feats, n = model.frontend.log_mel(x, torch.tensor([x.shape[1]]))
+            f = feats[0, : int(n[0])].double()  # (N, F)
+            total, sq, frames = total + f.sum(0), sq + (f**2).sum(0), frames + f.shape[0]
+            used, seconds = used + 1, seconds + x.shape[1] / sr
+    if not frames:
+        raise DataError("no readable audio to estimate the filterbank statistics from (model.features.norm=global)")
+    mean = total / frames
+    std = (sq / frames - mean**2).clamp_min(0).sqrt()
+    model.frontend.set_global_stats(mean.float(), std.float())
+    return used, seconds / 3600
+
+
 def pretrain(sources: list[str], out: str | Path, cfg: C.Config) -> Path:
     """Pre-train on ``sources`` into ``out``; rerunning the same call resumes. Returns ``out/model``."""
     out = Path(out)
@@ -177,6 +202,9 @@ def pretrain(sources: list[str], out: str | Path, cfg: C.Config) -> Path:
     module = PretrainModule(cfg, faults_record=out / "faults_fired.json")
     n_params = sum(p.numel() for p in module.model.encoder.parameters()) / 1e6
     log(f"model: {cfg.preset} {cfg.model.variant}, encoder {n_params:.1f}M parameters")
+    if cfg.model.features.norm == "global" and ckpt is None:  # on resume they come with the checkpoint
+        n, h = estimate_global_stats(module.model, train_cuts)
+        log(f"filterbank statistics (model.features.norm=global) from {n} utterances ({h:.2f} h)")
     t = cfg.train
 
     def train_loader(start):

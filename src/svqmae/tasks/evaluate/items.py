@@ -40,7 +40,7 @@ DEFAULTS = dict(
     seed=0,  # head initialization, batch order, dev split and bootstrap
     epochs=100,  # utterance heads: at most this many epochs, early-stopped on dev accuracy
     patience=10,
-    lr=1e-3,
+    lr="auto",  # head learning rate: "auto" picks it on the dev split from heads.LR_GRID, or a number
     batch_size=32,
     dev_fraction=0.1,  # share of train held out (by speaker) when no dev set is given
     folds=None,  # k-fold cross-validation over train, grouped by fold_by (instead of a test set)
@@ -63,6 +63,13 @@ def _options(options: dict) -> dict:
         raise ConfigError(f"evaluate: unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(DEFAULTS)})")
     o = dict(DEFAULTS)
     o.update({k: v for k, v in options.items() if v is not None})
+    if o["lr"] != "auto":
+        try:
+            o["lr"] = float(o["lr"])
+        except (TypeError, ValueError):
+            raise ConfigError(f"evaluate: lr must be 'auto' or a number, got {o['lr']!r}") from None
+        if o["lr"] <= 0:
+            raise ConfigError(f"evaluate: lr must be positive, got {o['lr']}")
     return o
 
 
