@@ -52,7 +52,7 @@ def cmd_pretrain(args) -> None:
     pretrain(args.data, args.out, _resolve(args))
 
 
-COMMAND_MODULES = ("datacmd", "demo", "evaluate", "finetune", "interop")
+COMMAND_MODULES = ("datacmd", "demo", "evaluate", "finetune", "interop", "tasks.hf.export")
 
 
 def add_pretrain_cli(sub) -> None:
