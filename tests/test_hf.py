@@ -139,14 +139,15 @@ def test_feature_extractor_pads_and_refuses_other_sample_rates():
         fe([np.zeros((800, 2))], sampling_rate=16000)
 
 
-def test_asr_pipeline_transcripts_equal_svqmae_transcribe(recognizer, capsys):
+def test_asr_pipeline_transcripts_equal_svqmae_transcribe(recognizer, capsys, monkeypatch):
     from transformers import AutoModelForCTC, AutoProcessor, pipeline
 
+    monkeypatch.setattr("svqmae.finetune._device", lambda: torch.device("cpu"))  # no bf16 on a GPU: same numbers
     assert main(["transcribe", "--model", str(recognizer["src"]), str(recognizer["audio"])]) == 0
     ours = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
     files = sorted(recognizer["audio"].glob("*.wav"))
     assert len(ours) == len(files)
-    asr = pipeline("automatic-speech-recognition", model=str(recognizer["hf"]))
+    asr = pipeline("automatic-speech-recognition", model=str(recognizer["hf"]), device="cpu")
     inputs = [{"raw": read_audio(f), "sampling_rate": 16000} for f in files]
     one_by_one = [asr(dict(x))["text"] for x in inputs]
     batched = [r["text"] for r in asr([dict(x) for x in inputs], batch_size=3)]  # padding: frames past the end blank
@@ -331,6 +332,9 @@ def test_broken_folders_are_one_line_errors_naming_the_file(pretrained, recogniz
     d = broken(recognizer["src"], "ctc_no_weights")
     (d / "model.safetensors").unlink()
     assert f"{d / 'model.safetensors'}: missing" in cli_error(d)
+    assert f"{pretrained['hf'] / 'config.json'}: already a transformers export" in cli_error(pretrained["hf"])
+    assert main(["export-hf", "--model", str(pretrained["src"]), "--out", str(pretrained["src"])]) == 2
+    assert "--out must not be the model's own folder" in capsys.readouterr().err
 
     # exported folders given to transformers
     d = broken(pretrained["hf"], "hf_no_weights")

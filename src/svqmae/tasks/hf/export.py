@@ -9,7 +9,8 @@
   loads it after ``import svqmae``.
 * ``M`` a fine-tuned recognizer (``svqmae finetune``'s ``DIR/model`` or run DIR, character units, svqmae
   backbone): :class:`SVQMAEForCTC` weights, plus a ``Wav2Vec2CTCTokenizer`` (``vocab.json``,
-  ``tokenizer_config.json``) and a ``Wav2Vec2Processor`` (``processor_config.json``).
+  ``tokenizer_config.json``) and a ``Wav2Vec2Processor`` (``processor_config.json``; the feature
+  extractor is also in ``preprocessor_config.json``, where transformers 4 looks for it).
   ``AutoModelForCTC.from_pretrained(DIR)``, ``AutoProcessor.from_pretrained(DIR)`` and
   ``pipeline("automatic-speech-recognition", model=DIR)`` load it after ``import svqmae``.
 * ``--with-code``: the folder also carries the modeling code, generated from svqmae's source
@@ -72,6 +73,13 @@ def _source_folder(p: Path) -> Path:
         return p
     folder = p if (p / "config.json").is_file() or (p / "ctc.json").is_file() else p / "model"
     if folder.is_dir() and ((folder / "config.json").is_file() or (folder / "ctc.json").is_file()):
+        try:
+            exported = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type") == "svqmae"
+        except (OSError, ValueError, AttributeError):
+            exported = False  # the loaders say what is wrong with it
+        if exported:
+            raise CheckpointError(f"{folder / 'config.json'}: already a transformers export; export-hf takes an "
+                                  "svqmae model folder (svqmae pretrain's RUN/model, svqmae finetune's RUN/model)")
         if not (folder / "model.safetensors").is_file():
             raise CheckpointError(f"{folder / 'model.safetensors'}: missing (an svqmae model folder holds "
                                   "config.json and model.safetensors)")
@@ -92,7 +100,9 @@ def export_hf(model: str | Path, out: str | Path, with_code: bool = False) -> Pa
     from .feature_extraction import SVQMAEFeatureExtractor
     from .modeling import SVQMAEForCTC, SVQMAEModel
 
-    src = _source_folder(Path(model))
+    src, out = _source_folder(Path(model)), Path(out)
+    if out.resolve() in (src.resolve(), Path(model).resolve()):
+        raise C.ConfigError(f"{out}: --out must not be the model's own folder")
     fine_tuned = src.is_dir() and (src / "ctc.json").is_file()
     try:
         if fine_tuned:
@@ -136,35 +146,41 @@ def export_hf(model: str | Path, out: str | Path, with_code: bool = False) -> Pa
         raise CheckpointError(f"{where}: weights do not fit the transformers model (missing {sorted(missing)[:4]}, "
                               f"unexpected {sorted(unexpected)[:4]})")
 
-    out = Path(out)
+    if fine_tuned:
+        try:
+            vocab, tokenizer_settings = ctc_vocab(rec.units.labels)
+        except ValueError as e:
+            raise C.ConfigError(f"{src / 'units.txt'}: {e}") from None
+    if with_code:
+        from . import remote_code
+
+        code = remote_code.generate()  # before writing anything: a failure leaves no half-made folder
+
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("svqmae_*.py"), *(out / f for f in GENERATED)]:
         if stale.is_file():
             stale.unlink()  # code of an earlier --with-code export
     hf.save_pretrained(out)
     fe = SVQMAEFeatureExtractor(sampling_rate=hf_cfg.sampling_rate)
-    fe_file = out / "preprocessor_config.json"
+    fe.save_pretrained(out)  # preprocessor_config.json
     if fine_tuned:
-        fe_file = out / "processor_config.json"
-        _save_processor(fe, rec.units.labels, out)
-    else:
-        fe.save_pretrained(out)
+        _save_processor(fe, vocab, tokenizer_settings, out)  # + processor_config.json (transformers 5)
     if with_code:
-        from . import remote_code
-
-        remote_code.write(out)
+        for name, text in code.items():
+            (out / name).write_text(text, encoding="utf-8")
         _add_auto_map(out / "config.json", remote_code.AUTO_MAP)
-        _add_auto_map(fe_file, remote_code.FEATURE_EXTRACTOR_AUTO_MAP, nested="feature_extractor")
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            if (out / name).is_file():
+                _add_auto_map(out / name, remote_code.FEATURE_EXTRACTOR_AUTO_MAP, nested="feature_extractor")
     (out / "README.md").write_text(model_card(hf_cfg, src, card, fine_tuned, with_code), encoding="utf-8")
     return out
 
 
-def _save_processor(fe, labels: list[str], out: Path) -> None:
+def _save_processor(fe, vocab: dict[str, int], settings: dict, out: Path) -> None:
     import tempfile
 
     from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2Processor
 
-    vocab, settings = ctc_vocab(labels)
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file = Path(tmp) / "vocab.json"
         vocab_file.write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")

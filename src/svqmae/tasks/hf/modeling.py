@@ -93,7 +93,7 @@ class SVQMAEPreTrainedModel(PreTrainedModel):
         """transformers' ``from_pretrained``, checked: for a local folder that is not a complete svqmae
         export, and for weights that do not fit the configuration (missing, unexpected or misshapen
         tensors, other than a new CTC head), a one-line ``OSError`` naming the file."""
-        where = Path(str(pretrained_model_name_or_path)) / kwargs.get("subfolder", "")
+        where = Path(str(pretrained_model_name_or_path)) / (kwargs.get("subfolder") or "")
         if where.is_dir():
             check_folder(where, need_config=kwargs.get("config") is None)
         want_info = kwargs.pop("output_loading_info", False)

@@ -232,13 +232,3 @@ def _check_transformers_closure(files: dict[str, str], entry: dict[str, str]) ->
                 missing = [m for m in names if f"{m}.py" not in reached]
                 if missing:
                     raise RemoteCodeError(f"{f}: imports {missing}, which transformers would not copy")
-
-
-def write(folder: Path) -> list[Path]:
-    """Write the generated modules into ``folder``; returns their paths."""
-    paths = []
-    for name, text in generate().items():
-        path = folder / name
-        path.write_text(text, encoding="utf-8")
-        paths.append(path)
-    return paths
