@@ -97,6 +97,7 @@ class TrainConfig:
     min_utt_seconds: float = 0.5  # shorter utterances are skipped
     num_buckets: int = 10
     num_workers: int = 2
+    stream_buffer: int = 2000  # streamed data (Shar, large manifests): cuts each loader buffers to shuffle and bucket
     val_items: int = 64  # held-out utterances for validation (fixed masks)
     val_every: int = 500
     log_every: int = 10

@@ -43,3 +43,34 @@ def test_crops_are_reproducible_per_epoch(tmp_path):
     ds = WaveformBatches(max_seconds=1.0, seed=3)
     a, b, c = (ds[(e, 0, cuts)]["waves"] for e in (0, 0, 1))
     assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (1, 16000)
+
+
+def test_a_lazy_manifest_streams_and_resumes_exactly_by_replaying_its_metadata(tmp_path):
+    from svqmae.data import split_heldout
+    from svqmae.data.loader import heldout_from_head
+
+    rows = ["path\tseconds"]
+    for i in range(30):
+        write_wav(tmp_path / f"u{i:02d}.wav", harmonic_tone(0.6 + 0.1 * (i % 6), seed=i))
+        rows.append(f"u{i:02d}.wav\t{0.6 + 0.1 * (i % 6):.3f}")
+    (tmp_path / "m.tsv").write_text("\n".join(rows) + "\n")
+    from svqmae.data import sources
+
+    sources.LAZY_MANIFEST_BYTES, old = 10, sources.LAZY_MANIFEST_BYTES
+    try:
+        cuts = load_source(tmp_path / "m.tsv", sources.Problems())
+    finally:
+        sources.LAZY_MANIFEST_BYTES = old
+    assert cuts.is_lazy
+    train, held = split_heldout(cuts, 4)
+    assert len(held) == 4 and [c.id for c in held] == [c.id for c in heldout_from_head(cuts, 4)]
+    assert train.is_lazy and not {c.id for c in train} & {c.id for c in held}
+
+    def take(start, n):
+        it = iter(pretrain_loader(train, 3.0, 1.0, 3, 0, seed=0, start=start, buffer_size=8))
+        return [(b["epoch"], b["index"], b["ids"]) for b, _ in zip(it, range(n))]
+
+    whole = take((0, 0), 20)
+    assert {i for e, _, ids in whole if e == 0 for i in ids} == {c.id for c in train}
+    e, i, _ = whole[12]
+    assert take((e, i), 8) == whole[12:]

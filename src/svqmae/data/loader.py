@@ -1,11 +1,14 @@
 """Batches: duration-bucketed dynamic batches of 16 kHz waveforms from lhotse samplers, as one pass
-(evaluation) or as the endless, exactly resumable training stream; random crops of long utterances;
-CTC targets for fine-tuning. Padding is zeros; ``lengths`` give each utterance's samples."""
+(evaluation) or as the endless training stream (exactly resumable for in-memory and lazy CutSets;
+from its read position, within a bound, for Shar streams: :mod:`svqmae.data.shar`); random crops of
+long utterances; CTC targets for fine-tuning. Padding is zeros; ``lengths`` give each utterance's
+samples."""
 
 from __future__ import annotations
 
 import random
 import warnings
+from functools import partial
 
 import torch
 from lhotse import CutSet
@@ -13,14 +16,24 @@ from lhotse.dataset import DynamicBucketingSampler, DynamicCutSampler
 
 from ..config import TrainConfig
 from .audio import AudioError
-from .sources import cut_path, read_span, stable_hash
+from .common import cut_path, heldout_from_head, stable_hash
+from .sources import read_span
 
 
 def split_heldout(cuts: CutSet, n: int) -> tuple[CutSet, CutSet]:
-    """A deterministic held-out slice of ``n`` cuts (by hash of id); (train, heldout)."""
+    """A deterministic held-out slice of ``n`` cuts (by hash of id); (train, heldout). A lazy CutSet
+    stays lazy: its slice is drawn from its head (see :func:`heldout_from_head`)."""
+    if cuts.is_lazy:
+        held = heldout_from_head(cuts, n)
+        ids = frozenset(c.id for c in held)
+        return cuts.filter(partial(_not_in, ids)), held
     ranked = sorted(cuts, key=lambda c: stable_hash(c.id))
     held = {c.id for c in ranked[: min(n, max(len(ranked) - 1, 0))]}
     return cuts.filter(lambda c: c.id not in held).to_eager(), cuts.filter(lambda c: c.id in held).to_eager()
+
+
+def _not_in(ids: frozenset, cut) -> bool:
+    return cut.id not in ids
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -122,10 +135,17 @@ def _crop_view(cut, max_seconds: float):
 
 def pretrain_loader(cuts: CutSet, max_batch_seconds: float, max_utt_seconds: float, num_buckets: int,
                     num_workers: int, seed: int, shuffle: bool = True,
-                    start: tuple[int, int] | None = None) -> torch.utils.data.DataLoader:
+                    start: tuple[int, int] | None = None, buffer_size: int = 20000) -> torch.utils.data.DataLoader:
     """Duration-bucketed dynamic batches, DDP-aware (lhotse reads rank/world size when
     torch.distributed is initialized), loaded in worker processes. One pass per epoch, or with
-    ``start`` the endless training stream from that (epoch, batch index) (see ``EndlessBatches``)."""
+    ``start`` the endless training stream from that (epoch, batch index) (see ``EndlessBatches``).
+    A lazy CutSet (a large manifest) is streamed: shuffled and bucketed in a buffer of
+    ``buffer_size`` cuts; its resume replays the cut metadata of the epoch up to ``start``."""
+    if cuts.is_lazy and shuffle:
+        sampler = DynamicBucketingSampler(cuts.map(partial(_crop_view, max_seconds=max_utt_seconds)),
+                                          max_duration=max_batch_seconds, num_buckets=max(1, num_buckets),
+                                          shuffle=True, seed=seed, drop_last=False, buffer_size=buffer_size)
+        return batch_loader(WaveformBatches(max_seconds=max_utt_seconds, seed=seed), sampler, num_workers, start)
     # the sampler sees cropped durations, so a batch never holds more than max_batch_seconds of audio
     cropped = CutSet.from_cuts(_crop_view(c, max_utt_seconds) for c in cuts)
     if shuffle:
@@ -138,6 +158,23 @@ def pretrain_loader(cuts: CutSet, max_batch_seconds: float, max_utt_seconds: flo
     else:
         sampler = DynamicCutSampler(cropped, max_duration=max_batch_seconds, shuffle=False)
     return batch_loader(WaveformBatches(max_seconds=max_utt_seconds, seed=seed), sampler, num_workers, start)
+
+
+def shar_loader(shar, max_batch_seconds: float, max_utt_seconds: float, num_buckets: int, num_workers: int,
+                seed: int, buffer_size: int, exclude=frozenset(), min_seconds: float = 0.0,
+                resume: list[dict] | None = None, epochs: int | None = None) -> torch.utils.data.DataLoader:
+    """The training stream of a Shar source (:class:`svqmae.data.shar.SharStream`): its shards split
+    over nodes x ranks x ``num_workers`` loader workers, cropped, bucketed and batched as
+    :func:`pretrain_loader` does; endless, or ``epochs`` passes. ``resume``: the stream positions a
+    checkpoint saved (see :func:`svqmae.data.shar.resume_positions`)."""
+    from .shar import SharStream, duration_bins
+
+    bins = duration_bins(shar, num_buckets, max_utt_seconds)
+    stream = SharStream(shar, WaveformBatches(max_seconds=max_utt_seconds, seed=seed), max_batch_seconds, bins, seed,
+                        buffer_size, crop=partial(_crop_view, max_seconds=max_utt_seconds), exclude=exclude,
+                        min_seconds=min_seconds, resume=resume, epochs=epochs)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                       prefetch_factor=4 if num_workers else None)
 
 
 class CTCBatches(WaveformBatches):
