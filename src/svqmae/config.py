@@ -208,7 +208,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # RETIRED_KEYS: written by those versions, meaningless now; dropped on load (in a user's YAML they are errors).
 # ADDED_KEYS: added since, with the value that reproduces what a model saved before them did.
 RETIRED_KEYS = {"train.compile"}
-ADDED_KEYS = {"model.decoder_conv": 0, "model.features.norm": "utterance", "model.mask.count": 1}
+ADDED_KEYS = {"model.decoder_conv": 0, "model.features.norm": "utterance", "model.mask.count": 1,
+              "ctc.encoder_lr_ratio": 1.0, "ctc.layer_decay": 1.0}
 
 
 def apply_saved(cfg: Any, d: dict[str, Any], source: str) -> None:
@@ -355,6 +356,13 @@ class SpecAugConfig:
 @dataclass
 class CTCConfig:
     freeze_steps: int = 1000  # the encoder is frozen (head only) for the first N steps; pre-trained models only
+    # the encoder's learning rate as a share of the head's (train.lr): 1.0 = one learning rate for all;
+    # 0 = the encoder stays frozen throughout (only the head trains)
+    encoder_lr_ratio: float = 1.0
+    # layer-wise learning-rate decay (BEiT / data2vec fine-tuning): block i (0-based) of n gets
+    # layer_decay ** (n - i) times the encoder's learning rate, the front-end embedding layer_decay ** (n + 1),
+    # the encoder's final norm the encoder's rate itself; 1.0 = off
+    layer_decay: float = 1.0
     schedule: str = "tristage"  # "tristage" (warm-up, hold, exponential decay) | "cosine" (train.warmup_steps)
     stages: tuple[float, float, float] = (0.1, 0.4, 0.5)  # tri-stage shares of max_steps
     final_lr_ratio: float = 0.05  # tri-stage: lr at the end, as a share of train.lr
@@ -446,5 +454,7 @@ def validate_finetune(cfg: FinetuneConfig, source: str) -> None:
     need(all(x >= 0 for x in c.stages) and abs(sum(c.stages) - 1) < 1e-6, "ctc.stages must be 3 shares summing to 1")
     need(0 < c.final_lr_ratio <= 1, "ctc.final_lr_ratio must be in (0, 1]")
     need(c.upsample >= 1, "ctc.upsample must be >= 1")
+    need(c.encoder_lr_ratio >= 0, f"ctc.encoder_lr_ratio must be >= 0, got {c.encoder_lr_ratio}")
+    need(0 < c.layer_decay <= 1, f"ctc.layer_decay must be in (0, 1], got {c.layer_decay}")
     need(0 <= s.time_mask_prob < 1 and s.time_mask_width >= 1, "specaug: time_mask_prob in [0, 1), width >= 1")
     need(0 <= s.freq_mask_width < cfg.model.features.n_mels, "specaug.freq_mask_width must be < model.features.n_mels")
