@@ -1,10 +1,13 @@
 """SVQ-MAE against its encoder-only ablation (and any other configuration) at equal pre-training compute,
 over several pre-training seeds, on keyword spotting, spoken digits and emotion of unseen speakers.
 
-Equal compute: each arm's cost per step is measured on this machine first (``--probe-steps`` steps of
-every arm, interleaved, twice; the median), then every arm gets the step budget that costs the same
-seconds as ``--minutes`` of the reference arm (the first one). Runs with step budgets are immune to
-other load on a shared machine, and each arm's learning rate decays over its own steps.
+Equal compute: each arm's cost per step is measured on this machine first, in CPU seconds (user +
+system time of the pre-training process and its loader workers, from ``wait4``), as the difference
+between a run of ``3 x --probe-steps`` and one of ``--probe-steps`` steps (start-up cancels out); then
+every arm gets the step budget that costs the same CPU seconds as ``--minutes`` of one thread running
+the reference arm (the first one). CPU time, unlike wall-clock time, barely moves when other jobs share
+the machine, and runs with step budgets are immune to that load; each arm's learning rate decays over
+its own steps.
 
     python benchmarks/ablation.py --out runs/ablation --minutes 12 --seeds 0,1,2 \\
         --arm svqmae= --arm encoder_only=model.variant=encoder_only --parallel 2 --threads 1
@@ -54,38 +57,39 @@ def pretrain_cmd(sources: list[Path], out: Path, preset: str, overrides: list[st
     return cmd
 
 
-def run(cmd: list[str], threads: int, logfile: Path) -> None:
+def run(cmd: list[str], threads: int, logfile: Path) -> float:
+    """Run a command with ``threads`` threads; returns its CPU seconds (user + system, children included)."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     logfile.parent.mkdir(parents=True, exist_ok=True)
     with open(logfile, "a") as f:
-        subprocess.run(cmd, check=True, env=env, stdout=f, stderr=subprocess.STDOUT)
-
-
-def seconds_per_step(run_dir: Path) -> float:
-    """From a probe run's metrics: seconds per step after the first logged window (start-up excluded)."""
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "elapsed_s" in r]
-    (a, b) = rows[0], rows[-1]
-    return (b["elapsed_s"] - a["elapsed_s"]) / max(b["step"] - a["step"], 1)
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return usage.ru_utime + usage.ru_stime
 
 
 def probe(args, arms, sources, out: Path) -> dict[str, float]:
-    """Seconds per step of each arm: ``probe_steps`` steps, arms interleaved, twice; the median of the
-    parallel slots' measurements (the probes run ``--parallel`` at a time, as the real runs will)."""
-    cost: dict[str, list[float]] = {name: [] for name, _ in arms}
-    jobs = [(name, ov, rep) for rep in range(2) for name, ov in arms]
+    """CPU seconds per step of each arm: (CPU of 3n steps - CPU of n steps) / 2n, arms interleaved,
+    ``--parallel`` probes at a time as the real runs will be."""
+    n = args.probe_steps
+    jobs = [(name, ov, steps) for steps in (n, 3 * n) for name, ov in arms]
+    cache = out / "probe" / "cpu_seconds.json"
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
     with ThreadPoolExecutor(args.parallel) as pool:
         def one(job):
-            name, ov, rep = job
-            d = out / "probe" / f"{name}_{rep}"
-            if not (d / "model").is_dir():
-                run(pretrain_cmd(sources, d, args.preset, ov + ["train.log_every=5"], 0, args.probe_steps),
-                    args.threads, d.parent / f"{name}_{rep}.log")
-            return name, seconds_per_step(d)
+            name, ov, steps = job
+            key = f"{name}/{steps}"
+            if key not in done:
+                d = out / "probe" / f"{name}_{steps}"
+                done[key] = run(pretrain_cmd(sources, d, args.preset, ov + ["train.val_every=100000"], 0, steps),
+                                args.threads, d.parent / f"{name}_{steps}.log")
+            return key
 
-        for name, s in pool.map(one, jobs):
-            cost[name].append(s)
-    return {k: float(np.median(v)) for k, v in cost.items()}
+        list(pool.map(one, jobs))
+    cache.write_text(json.dumps(done, indent=1))
+    return {name: (done[f"{name}/{3 * n}"] - done[f"{name}/{n}"]) / (2 * n) for name, _ in arms}
 
 
 def main() -> None:
@@ -119,7 +123,7 @@ def main() -> None:
         cost = probe(args, arms, sources, out)
         budget = args.minutes * 60
         steps = {name: max(1, int(round(budget / cost[name]))) for name, _ in arms}
-        log("seconds per step: " + ", ".join(f"{k} {v:.3f}" for k, v in cost.items())
+        log("CPU seconds per step: " + ", ".join(f"{k} {v:.3f}" for k, v in cost.items())
             + " -> steps: " + ", ".join(f"{k} {v}" for k, v in steps.items()))
 
     jobs = [(name, ov, seed) for seed in seeds for name, ov in arms]
@@ -173,8 +177,8 @@ def main() -> None:
         lines.append(f"\n{ref} minus {name}: " + "; ".join(diffs))
     cis = {f"{n}/{s}/{t}": r["ci95"] for (n, s, t), r in results.items()}
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
-    note = (f"\nEqual compute: {args.minutes:g} min of {ref} per arm ("
-            + (", ".join(f"{k} {v:.3f} s/step" for k, v in cost.items()) if cost else "fixed steps")
+    note = (f"\nEqual compute: {args.minutes:g} CPU-minutes of {ref} per arm ("
+            + (", ".join(f"{k} {v:.3f} CPU-s/step" for k, v in cost.items()) if cost else "fixed steps")
             + f"); {args.parallel} pre-training(s) at a time, {args.threads} thread(s) each; {machine}; "
             f"pre-training took {pre_minutes:.0f} min in all. Accuracy %, test speakers unseen in pre-training.")
     text = "\n".join(lines) + "\n" + note + "\n"

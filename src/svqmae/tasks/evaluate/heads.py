@@ -182,7 +182,7 @@ def fit_utterance(Xtr, ytr, Xdev, ydev, n_classes: int, balanced: bool, o: dict)
         return float((logits.argmax(-1) == ydev).float().mean()) - 1e-6 * float(F.cross_entropy(logits, ydev))
 
     best, epochs = _early_stopping(head, opt, o["epochs"], o["patience"], run_epoch, score, "accuracy", o["progress"])
-    return head, {"dev_accuracy": round(best, 4), "epochs": epochs}
+    return head, {"dev_accuracy": abs(round(best, 4)), "epochs": epochs}  # abs: no -0.0 when nothing is right
 
 
 def _pad_frames(feats: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
