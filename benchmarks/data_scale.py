@@ -1,7 +1,10 @@
 """Corpus-scale data: time from ``svqmae pretrain``'s start to its first training step, and the peak
 RSS of that (single-rank, ``num_workers=0``) process, for 10k, 100k and 1M cuts given as a TSV with
-``seconds``, a lhotse cuts manifest (``.jsonl.gz``) and a Shar directory; then loader
-audio-seconds per second from Shar and from loose files with 0, 1 and 2 workers.
+``seconds``, a lhotse cuts manifest (``.jsonl.gz``) and a Shar directory; then the loader alone,
+Shar against loose files with 0, 1 and 2 workers (``compare_loaders``): audio-seconds per CPU-second
+(this process and its workers) and per wall-second over whole epochs, the two arms alternating, on
+the same FLAC bytes (the Shar's own members written out as loose files: speech_commands' 1-second
+16 kHz cuts, and the base set's short ones), and on the base set's files as distributed.
 
 The corpora repeat a small set of files (the first 200 of ../shared/data/fsdd if present, else
 generated tones), each cut with its own id. The 10k Shar directory is written by ``svqmae data
@@ -9,6 +12,7 @@ shard`` (its time is reported); the 100k and 1M ones are assembled from the enco
 set, copied into lhotse's tar layout (the same format, written without re-encoding).
 
     .venv/bin/python benchmarks/data_scale.py --out /tmp/data_scale --json runs/data_scale.json
+    .venv/bin/python benchmarks/data_scale.py --sizes 10000 --loader-only    # the loader comparison alone
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import argparse
 import gzip
 import io
 import json
+import math
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tarfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +44,7 @@ from svqmae.data.shar import INDEX, open_shar  # noqa: E402
 from svqmae.data.shar_writer import write_shar  # noqa: E402
 
 FSDD = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fsdd"
+SPEECH_COMMANDS = FSDD.parent / "speech_commands_dev" / "manifest.tsv"
 TINY = ["model.encoder.layers=1", "model.encoder.dim=32", "model.encoder.heads=2", "model.encoder.ffn_dim=64",
         "model.decoder.layers=1", "model.decoder.dim=32", "model.decoder.heads=2", "model.decoder.ffn_dim=64",
         "model.quantizer.codebook_size=32", "train.max_batch_seconds=20", "train.max_utt_seconds=2",
@@ -140,24 +148,102 @@ def first_step(data: Path, out: Path) -> dict:
     return {"first_step_s": round(first, 1), "peak_rss_gb": round(hwm / 2**20, 3)}
 
 
-def throughput(make_loader, seconds: float) -> float:
-    """Audio-seconds per second of a loader over about ``seconds`` (after its first batch)."""
-    audio, t0 = 0.0, None
-    for b in make_loader():
-        if t0 is None:
-            t0 = time.perf_counter()
-            continue
-        audio += float(b["lengths"].sum()) / 16000
-        if time.perf_counter() - t0 >= seconds:
-            return audio / (time.perf_counter() - t0)
-    return audio / max(time.perf_counter() - t0, 1e-9)
+def loose_copy(shar_dir: Path, out: Path) -> Path:
+    """The audio of a Shar directory as loose files: each tar member written out as its own file (the
+    very bytes the Shar loader decodes) + a TSV with seconds; -> the TSV."""
+    if (out / "m.tsv").is_file():
+        return out / "m.tsv"
+    rows = ["path\tseconds"]
+    for e in json.loads((shar_dir / INDEX).read_text())["shards"]:
+        cuts = [json.loads(line) for line in gzip.open(shar_dir / e["cuts"], "rt")]
+        with tarfile.open(shar_dir / e["recording"]) as t:
+            audio = [m for m in t.getmembers() if not m.name.endswith(".json")]
+            for k, (m, c) in enumerate(zip(audio, cuts)):
+                path = out / "audio" / f"{e['recording'][:-4]}_{k:05d}{Path(m.name).suffix}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(t.extractfile(m).read())
+                rows.append(f"{path}\t{c['duration']}")
+    (out / "m.tsv").write_text("\n".join(rows) + "\n")
+    return out / "m.tsv"
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its children that have ended (loader workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def loader_cost(passes) -> dict:
+    """Read ``passes`` (built loaders, each to its end): audio-seconds delivered, CPU seconds spent
+    by this process and its loader workers (their start-up, buffer fills and prefetches included,
+    building the loaders not) and wall seconds."""
+    audio, wall, cpu = 0.0, time.perf_counter(), _cpu_seconds()
+    for loader in passes:
+        for b in loader:
+            audio += float(b["lengths"].sum()) / 16000
+    return {"audio_s": audio, "cpu_s": _cpu_seconds() - cpu, "wall_s": time.perf_counter() - wall}
+
+
+def _loose_epochs(cuts, workers: int, epochs: int):
+    """The loose-file loader, built, as one pass per epoch (its workers end with each pass)."""
+    loader = pretrain_loader(cuts, 60, 2, 10, workers, 0)
+
+    def passes():
+        for e in range(epochs):
+            loader.sampler.set_epoch(e)
+            yield loader
+    return passes()
+
+
+def _shar_epochs(shar, workers: int, epochs: int) -> list:
+    """The Shar loader, built, as one stream of ``epochs`` epochs."""
+    return [shar_loader(shar, 60, 2, 10, workers, 0, 2000, epochs=epochs)]
+
+
+def compare_loaders(conditions: dict, workers=(0, 1, 2), audio_s: float = 2500, reps: int = 3, log=print) -> list[dict]:
+    """For each condition {name: (loose TSV, Shar dir)} and worker count: the loose-file loader and the
+    Shar loader on the same batching (60-second batches, 2-second crops, Shar buffer 2000), whole
+    epochs (at least ``audio_s`` of audio), ``reps`` times, alternating (loose, Shar, loose, Shar,
+    ...), so that both see the same machine load. -> one row per condition x workers: median
+    audio-seconds per CPU-second and per wall-second of each, and the median of the per-repetition
+    Shar / loose ratios."""
+    rows = []
+    for name, (tsv, shar_dir) in conditions.items():
+        loose, shar = load_source(tsv), open_shar(shar_dir)
+        epochs = max(1, math.ceil(audio_s / sum(shar.seconds)))
+        for w in workers:
+            make = {"loose": partial(_loose_epochs, loose, w, epochs),
+                    "shar": partial(_shar_epochs, shar, w, epochs)}
+            got = {"loose": [], "shar": []}
+            for _ in range(reps):
+                for arm in ("loose", "shar"):
+                    got[arm].append(loader_cost(make[arm]()))
+            row = {"condition": name, "workers": w, "epochs": epochs}
+            for arm, runs in got.items():
+                row[f"{arm}_per_cpu_s"] = round(float(np.median([r["audio_s"] / r["cpu_s"] for r in runs])), 1)
+                row[f"{arm}_per_wall_s"] = round(float(np.median([r["audio_s"] / r["wall_s"] for r in runs])), 1)
+            for unit in ("cpu", "wall"):
+                row[f"ratio_{unit}"] = round(float(np.median([
+                    (s["audio_s"] / s[f"{unit}_s"]) / (lo["audio_s"] / lo[f"{unit}_s"])
+                    for lo, s in zip(got["loose"], got["shar"])])), 3)
+            rows.append(row)
+            log(f"loader {name:<38} workers {w}: audio-s per CPU-s loose {row['loose_per_cpu_s']:>6,.0f} "
+                f"Shar {row['shar_per_cpu_s']:>6,.0f} (x{row['ratio_cpu']:.2f}); per wall-s loose "
+                f"{row['loose_per_wall_s']:>6,.0f} Shar {row['shar_per_wall_s']:>6,.0f} (x{row['ratio_wall']:.2f})")
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/data_scale", metavar="DIR", help="where the corpora are written")
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    ap.add_argument("--seconds", type=float, default=8.0, help="loader throughput: measure each setting this long")
+    ap.add_argument("--loader-only", action="store_true", help="skip the first-step runs: loader comparison only")
+    ap.add_argument("--loader-audio", type=float, default=2500, metavar="SECONDS",
+                    help="loader comparison: whole epochs of at least this much audio per run")
+    ap.add_argument("--reps", type=int, default=3, help="loader comparison: runs per arm, alternating")
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--speech-commands", default=str(SPEECH_COMMANDS), metavar="TSV",
+                    help="16 kHz 1-second utterances for the loader comparison (skipped if absent)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     root = Path(args.out)
@@ -175,7 +261,7 @@ def main() -> None:
     print(f"svqmae data shard of {args.sizes[0]} cuts: {shard_s:.1f} s", flush=True)
 
     rows = []
-    for n in args.sizes:
+    for n in [] if args.loader_only else args.sizes:
         sources = {"tsv (seconds)": write_tsv(root / f"m_{n}.tsv", base, n),
                    "lhotse jsonl.gz": write_cuts(root / f"cuts_{n}.jsonl.gz", base, n),
                    "Shar": small if n == args.sizes[0] else (root / f"shar_{n}" if (root / f"shar_{n}" / INDEX).is_file()
@@ -186,15 +272,17 @@ def main() -> None:
             print(f"{n:>9,} cuts  {kind:<16} first step {r['first_step_s']:>6.1f} s   peak RSS {r['peak_rss_gb']:.2f} GB",
                   flush=True)
 
-    loose = load_source(tsv0)
-    shar = open_shar(small)
-    speed = []
-    for w in (0, 1, 2):
-        for kind, make in (("loose files", lambda w=w: pretrain_loader(loose, 60, 2, 10, w, 0, start=(0, 0))),
-                           ("Shar", lambda w=w: shar_loader(shar, 60, 2, 10, w, 0, 2000))):
-            s = throughput(make, args.seconds)
-            speed.append({"source": kind, "workers": w, "audio_seconds_per_s": round(s, 1)})
-            print(f"loader {kind:<12} workers {w}: {s:,.0f} audio-s/s", flush=True)
+    # the loader alone: the same audio (the Shar's own FLAC members as loose files), and fsdd as distributed
+    conditions = {}
+    sc = Path(args.speech_commands)
+    if sc.is_file():
+        sc_shar = root / "shar_speech_commands"
+        if not (sc_shar / INDEX).is_file():
+            write_shar([str(sc)], sc_shar, shard_seconds=300, progress=False, log=lambda m: None)
+        conditions["speech_commands 1 s, same FLAC bytes"] = (loose_copy(sc_shar, root / "loose_speech_commands"), sc_shar)
+    conditions[f"base set {args.sizes[0]}, same FLAC bytes"] = (loose_copy(small, root / "loose_small"), small)
+    conditions[f"base set {args.sizes[0]}, loose as distributed"] = (tsv0, small)
+    speed = compare_loaders(conditions, args.workers, args.loader_audio, args.reps, log=lambda m: print(m, flush=True))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"shard_seconds": shard_s, "first_step": rows, "loader": speed}, indent=1))

@@ -5,6 +5,7 @@ ranks x workers (every cut once per epoch, also in a 2-rank gloo job), and its r
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import multiprocessing as mp
 import os
@@ -217,3 +218,35 @@ def test_evaluation_reads_a_shar_dir_whole_and_names_a_bad_shard(shar_dir, tmp_p
     assert len(load_source(d, problems)) < N and str(tar) in problems.items[0][1]
     with pytest.raises(DataError, match=str(tar)):
         load_source(d)
+
+
+def test_shards_are_read_as_lhotse_reads_them_also_long_names_and_compressed_tars(shar_dir, tmp_path):
+    from lhotse.shar.readers import LazySharIterator
+
+    shard = S.open_shar(shar_dir).shards[0]
+    ref = list(LazySharIterator(fields={"cuts": [shard["cuts"]], "recording": [shard["recording"]]}))
+    for c in ref:
+        c.custom = {"shar_audio": shard["recording"]}  # lhotse's shard_origin/shar_epoch -> ours
+    got = [c for _, c in S.iter_shard(shard)]
+    assert [c.to_dict() for c in got] == [c.to_dict() for c in ref]
+    assert [c.recording.sources[0].source for c in got] == [c.recording.sources[0].source for c in ref]
+    assert [o for o, _ in S.iter_shard(shard, part=1, parts=2, skip=2)] == [o for o in range(len(ref)) if o >= 2 and o % 2]
+    # a pax header (a 150-character id), gzip-compressed, read through a pipe
+    cid = "x" * 150
+    with tarfile.open(shard["recording"]) as src:
+        first = [(m.name, src.extractfile(m).read()) for m in src.getmembers()[:2]]
+    for tar, names in (("r.tar", [f"{cid}.flac", f"{cid}.json"]), ("head.tar", [n for n, _ in first])):
+        with tarfile.open(tmp_path / tar, "w", format=tarfile.PAX_FORMAT) as t:
+            for name, (_, data) in zip(names, first):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    audio = first[0][1]
+    (tmp_path / "r.tar.gz").write_bytes(gzip.compress((tmp_path / "r.tar").read_bytes()))
+    line = json.loads(gzip.open(shard["cuts"], "rt").readline())
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write(json.dumps(dict(line, id=cid)) + "\n")
+    (cut,) = [c for _, c in S.iter_shard({"cuts": str(tmp_path / "c.jsonl.gz"), "recording": f"pipe:cat {tmp_path}/r.tar.gz"})]
+    assert cut.id == cid and cut.recording.sources[0].source == audio
+    with pytest.raises(S.SHARD_ERRORS, match="ends before"):  # a tar shorter than its manifest
+        list(S.iter_shard({"cuts": shard["cuts"], "recording": str(tmp_path / "head.tar")}))
