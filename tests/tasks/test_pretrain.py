@@ -107,7 +107,8 @@ def test_kill9_at_a_random_step_then_resume_matches_the_uninterrupted_run(refere
     root, data, ref = reference
     kill_at = random.Random(7).randint(5, STEPS - 1)  # a step that is not a checkpoint boundary
     out = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=str(Path(svqmae.__file__).parents[1]))
+    # the killed run uses as many threads as this process (float sums depend on it): bit-exact comparisons
+    env = dict(os.environ, PYTHONPATH=str(Path(svqmae.__file__).parents[1]), OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.run([sys.executable, "-m", "svqmae.cli", *cli_args(data, out, "--inject-fault", f"sigkill@{kill_at}")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
