@@ -129,3 +129,12 @@ def model_dir(tmp_path):
     save_model(model, cfg, tmp_path / "run" / "model",
                card={"training data": "/data/fsdd", "steps": 30, "final training loss": "5.1"}, figures=[fig])
     return tmp_path / "run" / "model", model
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Models this small gain nothing from intra-op threads, and lose a lot on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,13 +22,7 @@ from tests.conftest import FINETUNE_FAST, TINY_MODEL_OVERRIDES, write_spelled_se
 TINY, FAST = TINY_MODEL_OVERRIDES, FINETUNE_FAST
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pretrained(path):

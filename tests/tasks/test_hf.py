@@ -34,16 +34,10 @@ from tests.conftest import TINY_MODEL_OVERRIDES, harmonic_tone, write_spelled_se
 # odd multiples of 0.1 s: each utterance's last token stays clear of its end, so an utterance gets the
 # same features alone or padded inside a batch (see tests/test_interop.py)
 SECONDS = (0.9, 1.3, 0.7, 1.1)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _waves(seconds=SECONDS, seed=0) -> list[np.ndarray]:
