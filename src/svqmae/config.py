@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,7 +317,11 @@ def validate(cfg: Config, source: str) -> None:
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write atomically, through a temporary file of this process's own (DDP ranks write it at once)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
 
 
 def diff(a: Config, b: Config, prefix: str = "model") -> list[str]:

@@ -198,3 +198,47 @@ def test_a_folder_is_probed_once_then_read_from_the_run_cache(tmp_path, monkeypa
     write_wav(d / "new.wav", harmonic_tone(0.5))  # another file: the cache no longer covers the folder
     with pytest.raises(pytest.fail.Exception, match="probed again"):
         load_source(d, Problems(), cache=tmp_path / "cache")
+
+
+def test_ranks_that_write_the_same_probe_cache_at_once_both_succeed(tmp_path, monkeypatch):
+    """DDP ranks probe the same folder and write the same cache entry: each must use its own
+    temporary file (a shared one made the slower rank's rename fail: CI, stop 17)."""
+    import os
+    import threading
+
+    from svqmae.data import sources
+
+    d = _bad_folder(tmp_path)
+    barrier, real_replace = threading.Barrier(2, timeout=30), os.replace
+
+    def replace_together(src, dst):  # both writers reach the rename before either renames
+        barrier.wait()
+        real_replace(src, dst)
+
+    monkeypatch.setattr(sources.os, "replace", replace_together)
+    results, errors = [], []
+
+    def rank():
+        try:
+            results.append(load_source(d, Problems(), cache=tmp_path / "cache"))
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [c.to_dict() for c in results[0]] == [c.to_dict() for c in results[1]]
+    monkeypatch.setattr(sources.os, "replace", real_replace)
+    monkeypatch.setattr(sources, "_probe_all", lambda *a: pytest.fail("probed again"))
+    assert len(load_source(d, Problems(), cache=tmp_path / "cache")) == len(results[0])
+    assert not [p.name for p in (tmp_path / "cache").iterdir() if ".tmp" in p.name]
+
+
+def test_a_cache_that_cannot_be_written_only_costs_a_probe(tmp_path, caplog):
+    d = _bad_folder(tmp_path)
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    cuts = load_source(d, Problems(), cache=tmp_path / "cache")
+    assert len(cuts) == 4 and "could not write the probe cache" in caplog.text

@@ -13,8 +13,10 @@ Loading is lenient for pre-training (bad files are skipped, counted and reported
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +43,8 @@ from .audio import (
 )
 from .common import DataError, Problems, cut_fields, cut_path, stable_hash  # noqa: F401 (re-exported)
 from .shar import SAMPLE_RATE, SHARD_ERRORS, is_shar, iter_shard, open_shar, read_shar, shard_error
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- sources
 
@@ -125,15 +129,27 @@ def _read_probe_cache(folder: Path, files: list[Path], cache: Path, problems: Pr
 
 
 def _write_probe_cache(folder: Path, cuts: CutSet, problems: Problems, cache: Path) -> None:
+    """Best effort: a cache that cannot be written only costs a probe next time. Several processes
+    (DDP ranks, loader workers) may write the same entry at once, so each writes its own temporary
+    file and renames it into place."""
     cuts_file, problems_file = _probe_cache_paths(folder, cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cuts_file.with_name(f".{cuts_file.name}.tmp.gz")
-    cuts.to_file(tmp)
-    os.replace(tmp, cuts_file)
     text = "path\treason\n" + "".join(f"{p}\t{' '.join(r.split())}\n" for p, r in problems.items)
-    tmp = problems_file.with_name(f".{problems_file.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, problems_file)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = _private_tmp(cuts_file, ".jsonl.gz")
+        cuts.to_file(tmp)
+        os.replace(tmp, cuts_file)
+        tmp = _private_tmp(problems_file, ".tsv")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, problems_file)
+    except OSError as e:
+        log.warning("could not write the probe cache %s (%s); the folder will be probed again next time",
+                    cuts_file, e)
+
+
+def _private_tmp(path: Path, suffix: str) -> Path:
+    """A temporary name beside ``path`` that no other process uses (``suffix`` keeps the format)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{suffix}")
 
 
 def _seconds(row: dict, key: str, where: str) -> float | None:
@@ -396,7 +412,7 @@ def write_manifest(rows, path: str | Path) -> Path:
     rows = list(rows)
     cols = [c for c in MANIFEST_COLUMNS if c == "path" or any(str(r.get(c, "") or "") for r in rows)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _private_tmp(path, ".tsv")
     with open(tmp, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(cols)
