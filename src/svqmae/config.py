@@ -36,6 +36,11 @@ class FeatureConfig:
     # "global": fixed per-bin statistics of the pre-training corpus, estimated before the first step and
     # saved with the model (keeps each utterance's loudness and level, which carry emotion)
     norm: str = "utterance"
+    # True: each utterance's level (per-bin mean and log standard deviation of its log-mel frames, 2F
+    # values, what "utterance" normalization removes) is projected and added to every token's embedding,
+    # so the encoder keeps loudness and spectral level (emotion, speaker) while the tokens and the
+    # quantizer's targets stay normalized
+    level: bool = False
 
 
 @dataclass
@@ -210,7 +215,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # RETIRED_KEYS: written by those versions, meaningless now; dropped on load (in a user's YAML they are errors).
 # ADDED_KEYS: added since, with the value that reproduces what a model saved before them did.
 RETIRED_KEYS = {"train.compile"}
-ADDED_KEYS = {"model.decoder_conv": 0, "model.features.norm": "utterance", "model.mask.count": 1,
+ADDED_KEYS = {"model.decoder_conv": 0, "model.features.norm": "utterance", "model.features.level": False,
+              "model.mask.count": 1,
               "ctc.encoder_lr_ratio": 1.0, "ctc.layer_decay": 1.0}
 
 

@@ -33,3 +33,18 @@ def test_global_norm_keeps_loudness_and_round_trips(tmp_path):
     again = SVQMAE.from_pretrained(tmp_path / "m")
     assert torch.equal(again.frontend.global_std, glob.frontend.global_std)
     assert torch.allclose(again.extract(waves, lengths)[0][-1], glob.eval().extract(waves, lengths)[0][-1])
+
+
+def test_level_is_what_utterance_normalization_removes_and_ignores_padding():
+    model = SVQMAE(tiny_cfg().model)
+    waves, lengths = batch()
+    tokens, tok_len, level = model.frontend(waves, lengths, with_level=True)
+    assert torch.equal(tokens, model.frontend(waves, lengths)[0]) and level.shape == (3, 160)
+    feats, _ = model.frontend.log_mel(waves, lengths)
+    f = feats[2, : int(tok_len[2]) * 4]  # the shortest utterance's real frames
+    assert torch.allclose(level[2, :80], f.mean(0), atol=1e-4)
+    assert torch.allclose(level[2, 80:], f.std(0, unbiased=False).log(), atol=1e-3)
+    alone = model.frontend(waves[2:, : int(lengths[2])], lengths[2:], with_level=True)[2]
+    assert torch.allclose(alone[0], level[2], atol=1e-4)  # padding changes nothing
+    quiet = model.frontend(waves * 0.25, lengths, with_level=True)[2]
+    assert float((level[:, :80] - quiet[:, :80]).mean()) > 2.0  # 12 dB quieter: the level sees it

@@ -150,3 +150,27 @@ def test_several_masks_per_utterance_share_one_front_end_pass():
     T = tokens.shape[1]
     masks = span_mask(tok_len.repeat(3), T, 0.7, 3, torch.Generator().manual_seed(0)).view(3, -1, T)
     assert not torch.equal(masks[0], masks[1])  # each copy gets its own mask
+
+
+def test_level_reaches_the_encoder_and_only_with_model_features_level():
+    """Per-utterance normalization makes a 12 dB quieter copy look the same; ``model.features.level``
+    gives the encoder the utterance's level back (old models: the option off, hidden states unchanged)."""
+    torch.manual_seed(0)
+    waves, lengths = batch()
+    gaps = {}
+    for level in (False, True):
+        model = SVQMAE(tiny_cfg(f"model.features.level={level}").model).eval()
+        if level:
+            torch.nn.init.normal_(model.level_embed.weight, std=0.05)  # a clear signal for the test
+        with torch.no_grad():
+            a, tl = model.extract(waves, lengths)
+            b, _ = model.extract(waves * 0.25, lengths)
+            alone, _ = model.extract(waves[2:, : int(lengths[2])], lengths[2:])
+        gaps[level] = float((a[0] - b[0]).abs().mean())  # the input embedding: loud vs quiet copy
+        n = int(tl[2])
+        assert all(torch.allclose(x[2, :n], y[0, :n], atol=1e-4) for x, y in zip(a, alone))  # padding-free
+        out = model.train()(waves, lengths, torch.Generator().manual_seed(0))
+        out["loss"].backward()
+        if level:
+            assert model.level_embed.weight.grad.abs().sum() > 0  # pre-training trains it
+    assert gaps[True] > 10 * gaps[False], gaps

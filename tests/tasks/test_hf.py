@@ -121,6 +121,23 @@ def test_automodel_hidden_states_equal_svqmae_extract_on_a_padded_batch(pretrain
         assert torch.equal(model(**inputs, return_dict=False)[0], out.last_hidden_state)
 
 
+def test_automodel_carries_the_level_embedding_of_model_features_level(root):
+    from transformers import AutoFeatureExtractor, AutoModel
+
+    cfg = C.resolve("tiny", overrides=[*TINY_MODEL_OVERRIDES, "model.features.level=true"])
+    torch.manual_seed(2)
+    src = save_model(SVQMAE(cfg.model), cfg, root / "level" / "model", card={"steps": 3})
+    assert main(["export-hf", "--model", str(src), "--out", str(root / "level_hf")]) == 0
+    waves = _waves()
+    ref, tok_len, _, _ = _extract(src, waves)
+    model = AutoModel.from_pretrained(root / "level_hf")
+    assert any(k.startswith("level_embed.") for k in model.state_dict())
+    inputs = AutoFeatureExtractor.from_pretrained(root / "level_hf")(waves, sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+    assert _max_diff(out.hidden_states, ref, tok_len) < 1e-5
+
+
 def test_feature_extractor_pads_and_refuses_other_sample_rates():
     fe = SVQMAEFeatureExtractor()
     one = fe(np.zeros(800, np.float32), sampling_rate=16000, return_tensors="np")

@@ -60,6 +60,7 @@ class CTCModel(nn.Module):
             if encoder is not None:
                 enc.load_state_dict(encoder.state_dict())
             self.frontend, self.quantizer, self.embed, self.encoder = enc.frontend, enc.quantizer, enc.embed, enc.encoder
+            self.level_embed = enc.level_embed
             dim = cfg.model.encoder.dim
         else:
             dim = cfg.ctc.lstm_dim or cfg.model.encoder.dim
@@ -87,14 +88,15 @@ class CTCModel(nn.Module):
                 freeze: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """waves (B, S) 16 kHz, lengths (B,) samples -> CTC log-probabilities (B, T*k, V) float32 and (B,)
         frame counts. ``generator`` turns SpecAugment on; ``freeze`` runs the backbone without gradients."""
-        tokens, tok_len = self.frontend(waves, lengths)  # (B, T, C)
+        tokens, tok_len, level = self.frontend(waves, lengths, with_level=True)  # (B, T, C), (B,), (B, 2F)
         if generator is not None:
             tokens = spec_augment(tokens, tok_len, self.cfg.specaug, self.cfg.model.features.stack, generator)
         B, T, _ = tokens.shape
         with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze):
             if self.backbone == "svqmae":
                 pos = torch.arange(T, device=tokens.device).expand(B, T)
-                h = self.encoder(self.embed(tokens), pos, ~padding_mask(tok_len, T))[-1]  # (B, T, D)
+                valid = ~padding_mask(tok_len, T)
+                h = self.encoder(SVQMAE.embed_tokens(self, tokens, level, valid), pos, valid)[-1]  # (B, T, D)
             else:
                 packed = nn.utils.rnn.pack_padded_sequence(self.lstm_in(tokens), tok_len.clamp_min(1).cpu(),
                                                            batch_first=True, enforce_sorted=False)

@@ -56,8 +56,10 @@ class FilterbankFrontend(nn.Module):
         """Samples -> tokens (frames are centred: N = round(S / hop); the last partial token is dropped)."""
         return torch.div(num_samples + self.hop // 2, self.hop, rounding_mode="floor") // self.cfg.stack
 
-    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """waves: (B, S) float at 16 kHz; lengths: (B,) samples -> tokens (B, T, C), token lengths (B,)."""
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor, with_level: bool = False):
+        """waves: (B, S) float at 16 kHz; lengths: (B,) samples -> tokens (B, T, C), token lengths (B,);
+        with ``with_level``, also each utterance's level (B, 2F): the per-bin mean and log standard
+        deviation of its real log-mel frames (what per-utterance normalization removes)."""
         s = self.cfg.stack
         feats, _ = self.log_mel(waves, lengths)  # (B, N, F)
         B, N, Fb = feats.shape
@@ -65,11 +67,14 @@ class FilterbankFrontend(nn.Module):
         tok_len = self.num_tokens(lengths).clamp(max=T)  # (B,)
         feats = feats[:, : T * s]
         valid = ~padding_mask(tok_len * s, T * s)[..., None]  # (B, T*s, 1)
+        count = valid.sum(1, keepdim=True).clamp_min(1)
+        mean = (feats * valid).sum(1, keepdim=True) / count  # (B, 1, F) over the real frames only
+        var = (((feats - mean) * valid) ** 2).sum(1, keepdim=True) / count
         if self.cfg.norm == "global":
             feats = (feats - self.global_mean) / self.global_std * valid
-        else:  # per-utterance mean/variance normalization over the real frames only
-            count = valid.sum(1, keepdim=True).clamp_min(1)
-            mean = (feats * valid).sum(1, keepdim=True) / count
-            var = (((feats - mean) * valid) ** 2).sum(1, keepdim=True) / count
+        else:  # per-utterance mean/variance normalization
             feats = ((feats - mean) * torch.rsqrt(var + 1e-5)) * valid
-        return feats.reshape(B, T, s * Fb), tok_len  # (B, T, C)
+        tokens = feats.reshape(B, T, s * Fb)  # (B, T, C)
+        if not with_level:
+            return tokens, tok_len
+        return tokens, tok_len, torch.cat([mean, 0.5 * torch.log(var + 1e-5)], -1)[:, 0]  # (B, 2F)

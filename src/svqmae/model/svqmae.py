@@ -34,6 +34,8 @@ class SVQMAE(nn.Module):
         self.frontend = FilterbankFrontend(f)
         self.quantizer = Quantizer(q, C)
         self.embed = nn.Sequential(nn.Linear(C, enc.dim), nn.LayerNorm(enc.dim), nn.Dropout(enc.dropout))
+        # model.features.level: the utterance's level (2F), added to every token after the LayerNorm
+        self.level_embed = nn.Linear(2 * f.n_mels, enc.dim) if f.level else None
         self.encoder = Transformer(enc)
         if cfg.variant == "svqmae":
             # the decoupled decoder: it alone reconstructs; dropped after pre-training
@@ -50,6 +52,8 @@ class SVQMAE(nn.Module):
         self.head = nn.Linear(head_in, q.num_codebooks * q.codebook_size)
         self.recon_head = nn.Linear(head_in, C) if cfg.recon_weight > 0 else None
         self.apply(init_weights)
+        if self.level_embed is not None:  # the level is ~5 in size (log-mel means near -7): start it small
+            nn.init.normal_(self.level_embed.weight, std=0.005)  # beside the tokens' unit-scale content
 
     @property
     def downsample_rate(self) -> int:
@@ -107,7 +111,7 @@ class SVQMAE(nn.Module):
         ``generator`` (CPU) draws the masks (``model.mask.count`` per utterance: the front end and the
         quantizer run once, the encoder and decoder on every masked copy). Returns the loss and metrics
         (scalars; ``tokens`` and ``visible_tokens`` count the masked copies)."""
-        tokens, tok_len = self.frontend(waves, lengths)  # (B, T, C), (B,)
+        tokens, tok_len, level = self.frontend(waves, lengths, with_level=True)  # (B, T, C), (B,), (B, 2F)
         B, T, _ = tokens.shape
         codes = self.quantizer(tokens)  # (B, T, G) targets
         valid = ~padding_mask(tok_len, T)  # (B, T)
@@ -117,12 +121,13 @@ class SVQMAE(nn.Module):
         m = self.cfg.mask
         if m.count > 1:  # the same utterances under m.count masks (data2vec 2.0's multi-mask): B -> count * B
             tokens, codes, tok_len = tokens.repeat(m.count, 1, 1), codes.repeat(m.count, 1, 1), tok_len.repeat(m.count)
+            level = level.repeat(m.count, 1)
         mask = span_mask(tok_len.cpu(), T, m.ratio, m.span, generator).to(tokens.device)  # (B, T)
         if self.cfg.variant == "svqmae":
-            latent, idx, n_vis = self.forward_encoder(tokens, mask, tok_len)  # (B, V, D)
+            latent, idx, n_vis = self.forward_encoder(tokens, mask, tok_len, level)  # (B, V, D)
             h = self.forward_decoder(latent, idx, n_vis, mask, tok_len)  # (M, E)
         else:
-            h = self.forward_encoder_only(tokens, mask, tok_len)  # (M, D)
+            h = self.forward_encoder_only(tokens, mask, tok_len, level)  # (M, D)
         out = self.forward_loss(h, codes, tokens, mask)
         out.update(stats)
         valid = ~padding_mask(tok_len, T)
@@ -130,13 +135,21 @@ class SVQMAE(nn.Module):
         out["tokens"] = valid.sum().float()
         return out
 
-    def forward_encoder(self, tokens, mask, tok_len):
+    def embed_tokens(self, tokens, level, valid):
+        """tokens: (B, N, C) -> embeddings (B, N, D); with ``model.features.level``, the utterance's level
+        (B, 2F) is added to every real token. Padded slots carry nothing of any real token."""
+        x = self.embed[1](self.embed[0](tokens * valid[..., None]))  # (B, N, D), LayerNorm-ed
+        if getattr(self, "level_embed", None) is not None:  # after the LayerNorm: the level stays linear
+            x = x + self.level_embed(level)[:, None] * valid[..., None]
+        return self.embed[2](x)
+
+    def forward_encoder(self, tokens, mask, tok_len, level=None):
         """Encoder on the visible tokens only, positioned by their original indices.
-        tokens: (B, T, C) -> latent (B, V, D), idx (B, V), n_vis (B,)."""
+        tokens: (B, T, C), level (B, 2F) or None -> latent (B, V, D), idx (B, V), n_vis (B,)."""
         idx, n_vis = visible_index(mask, tok_len)  # (B, V), (B,)
         valid = ~padding_mask(n_vis, idx.shape[1])  # (B, V)
         x = torch.gather(tokens, 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, V, C)
-        x = self.embed(x * valid[..., None])  # (B, V, D); padded slots carry nothing of any real token
+        x = self.embed_tokens(x, level, valid)  # (B, V, D)
         return self.encoder(x, idx, valid)[-1], idx, n_vis
 
     def forward_decoder(self, latent, idx, n_vis, mask, tok_len):
@@ -158,13 +171,14 @@ class SVQMAE(nn.Module):
         x = self.decoder(x, pos, valid)[-1]  # (B, T, E)
         return x[mask]  # (M, E)
 
-    def forward_encoder_only(self, tokens, mask, tok_len):
+    def forward_encoder_only(self, tokens, mask, tok_len, level=None):
         """Ablation: the encoder sees all tokens, masked ones replaced by the mask embedding. -> (M, D)"""
         B, T, _ = tokens.shape
-        x = self.embed(tokens)  # (B, T, D)
+        valid = ~padding_mask(tok_len, T)  # (B, T)
+        x = self.embed_tokens(tokens, level, valid)  # (B, T, D)
         x = torch.where(mask[..., None], self.mask_embed.to(x.dtype), x)
         pos = torch.arange(T, device=x.device).expand(B, T)
-        return self.encoder(x, pos, ~padding_mask(tok_len, T))[-1][mask]
+        return self.encoder(x, pos, valid)[-1][mask]
 
     def forward_loss(self, h, codes, tokens, mask):
         """Cross-entropy on the codes of the masked tokens (+ optional filterbank reconstruction).
@@ -192,7 +206,8 @@ class SVQMAE(nn.Module):
         each (B, T, D), and (B,) real tokens per utterance."""
         if lengths is None:
             lengths = torch.full((waves.shape[0],), waves.shape[1], dtype=torch.long, device=waves.device)
-        tokens, tok_len = self.frontend(waves, lengths)  # (B, T, C)
+        tokens, tok_len, level = self.frontend(waves, lengths, with_level=True)  # (B, T, C), (B,), (B, 2F)
         B, T, _ = tokens.shape
         pos = torch.arange(T, device=waves.device).expand(B, T)
-        return self.encoder(self.embed(tokens), pos, ~padding_mask(tok_len, T)), tok_len
+        valid = ~padding_mask(tok_len, T)
+        return self.encoder(SVQMAE.embed_tokens(self, tokens, level, valid), pos, valid), tok_len

@@ -140,6 +140,7 @@ class SVQMAEModel(SVQMAEPreTrainedModel):
         finally:
             torch.set_default_dtype(dtype)
         self.frontend, self.embed, self.encoder = core.frontend, core.embed.to(dtype), core.encoder.to(dtype)
+        self.level_embed = core.level_embed.to(dtype) if core.level_embed is not None else None
         self.post_init()
 
     def token_lengths(self, attention_mask: torch.Tensor) -> torch.Tensor:
