@@ -14,7 +14,8 @@ Arms (``--arms``):
   data is checked for test-speaker audio);
 * ``random``: the same architecture from scratch (``svqmae finetune --model random``).
 
-For every budget B in ``--budgets`` (CPU-minutes of fine-tuning on ``--threads`` threads), each arm:
+For every budget B in ``--budgets`` (CPU-minutes of fine-tuning: user + system time of the process and
+its loader workers), each arm:
 
 1. searches the same grid (``--lrs`` x ``--encoder-lr-ratios`` x ``--layer-decays`` x ``--freeze-steps``
    x ``--warmups``; freezing a random encoder is pointless, so that arm's freeze is 0) with runs of
@@ -25,11 +26,13 @@ For every budget B in ``--budgets`` (CPU-minutes of fine-tuning on ``--threads``
    to the scratch arm of the same seed (a 95% paired bootstrap interval: below 0 everywhere = pre-training
    wins).
 
-Budgets are wall-clock on an idle machine: a calibration run measures steps per minute (encoder frozen
-and not), each run schedules the steps that fit (``train.max_steps``, so the tri-stage schedule ends on
-time) and ``train.max_minutes`` = its budget is a hard cap. No validation runs inside a budget. On a
-machine shared with other jobs two threads wait for each other (ten times slower was seen): run the
-budgets on an idle machine, or with ``--threads 1``.
+Budgets are CPU time, so that they hold on a machine shared with other jobs (wall-clock budgets do not:
+two threads waiting for each other under load were seen to run ten times slower): calibration measures
+the CPU seconds of a fine-tuning step (encoder frozen and not) as the difference between runs of ``3n``
+and ``n`` steps (start-up cancels out), and each run schedules the steps its budget buys
+(``train.max_steps``, so the tri-stage schedule ends on time). Each run's CPU minutes are measured and
+reported; ``train.max_minutes`` (10 x the budget, wall-clock) only guards against a hung run. No
+validation runs inside a budget. ``--threads 1`` (the default) is the most CPU-efficient.
 
 Everything lands in ``--out``: finished runs (``result.json``) are skipped on a rerun and an interrupted
 run resumes from its checkpoint, so a long session can be split (``--budgets 4`` today, ``--budgets 8,16``
@@ -51,6 +54,7 @@ import csv
 import itertools
 import json
 import platform
+import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -218,38 +222,42 @@ def grid(args, arm: str) -> list[Setting]:
     return list(dict.fromkeys(Setting(*p) for p in points))
 
 
-def steps_within(minutes: float, freeze: int, ratio: float, rates: dict) -> int:
-    """Optimizer steps that fit in ``minutes``: ``freeze`` frozen steps (or all with ``ratio`` 0), the rest
-    with the encoder training, at the calibrated ``rates`` (steps per minute)."""
-    if ratio == 0 or freeze / rates["frozen"] >= minutes:
-        return max(1, int(SAFETY * minutes * rates["frozen"]))
-    return max(1, int(SAFETY * (freeze + (minutes - freeze / rates["frozen"]) * rates["unfrozen"])))
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its finished children (loader workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def calibrate(out: Path, split: dict, preset: str, arch: list[str], base: list[str], steps: int,
-              minutes: float) -> dict:
-    """Steps per minute of this architecture with the encoder frozen and training (from scratch: the
-    cost does not depend on the weights), measured between the third and the last logged steps of
-    runs of ``steps`` steps (or ``minutes``)."""
+def steps_within(minutes: float, freeze: int, ratio: float, cost: dict) -> int:
+    """Optimizer steps that ``minutes`` CPU-minutes buy: ``freeze`` frozen steps (or all with ``ratio`` 0),
+    the rest with the encoder training, at the calibrated ``cost`` (CPU seconds per step)."""
+    budget = 60 * minutes
+    if ratio == 0 or freeze * cost["frozen"] >= budget:
+        return max(1, int(SAFETY * budget / cost["frozen"]))
+    return max(1, int(SAFETY * (freeze + (budget - freeze * cost["frozen"]) / cost["unfrozen"])))
+
+
+def calibrate(out: Path, split: dict, preset: str, arch: list[str], base: list[str], steps: int) -> dict:
+    """CPU seconds per step of this architecture with the encoder frozen and training (from scratch: the
+    cost does not depend on the weights): (CPU of a 3n-step run - CPU of an n-step run) / 2n."""
     from svqmae.tasks.finetune import finetune
 
-    cache = out / "calibration.json"
+    cache = out / "calibration_cpu.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    rates = {}
+    cost = {}
     for name, ratio in (("unfrozen", 1.0), ("frozen", 0.0)):
-        run = out / "calibration" / name
-        finetune("random", [str(split["finetune"])], [str(split["probe"])], run, preset=preset,
-                 overrides=[*arch, *base, f"train.max_steps={steps}", f"ctc.encoder_lr_ratio={ratio}",
-                            "train.log_every=1", f"train.ckpt_every_steps={steps}", f"train.max_minutes={minutes}"])
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"elapsed_s"' in x]
-        if len(rows) < 2:
-            raise SystemExit(f"{run}: calibration logged {len(rows)} step(s); raise --calibration-steps")
-        a, b = rows[min(2, len(rows) - 2)], rows[-1]  # past the first steps' start-up
-        rates[name] = 60 * (b["step"] - a["step"]) / max(b["elapsed_s"] - a["elapsed_s"], 1e-6)
-    cache.write_text(json.dumps(rates))
-    log(f"calibration: {rates['unfrozen']:.0f} steps/min training the encoder, {rates['frozen']:.0f} frozen")
-    return rates
+        used = {}
+        for n in (steps, 3 * steps):
+            c0 = cpu_seconds()
+            finetune("random", [str(split["finetune"])], [str(split["probe"])], out / "calibration" / f"{name}{n}",
+                     preset=preset, overrides=[*arch, *base, f"train.max_steps={n}", f"ctc.encoder_lr_ratio={ratio}",
+                                               f"train.ckpt_every_steps={n}"])
+            used[n] = cpu_seconds() - c0
+        cost[name] = (used[3 * steps] - used[steps]) / (2 * steps)
+    cache.write_text(json.dumps(cost))
+    log(f"calibration: {cost['unfrozen']:.3f} CPU-s per step training the encoder, {cost['frozen']:.3f} frozen")
+    return cost
 
 
 # --------------------------------------------------------------------------- one run
@@ -273,13 +281,14 @@ def fine_tune_and_score(folder: Path, model: str, preset: str | None, split: dic
     trained = folder / "trained.json"
     if not trained.is_file():
         resumed = (folder / "checkpoints").is_dir()
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), cpu_seconds()
         finetune(model, [str(split["finetune"])], [str(split["probe"])], folder, preset=preset, overrides=overrides)
         steps = json.loads((folder / "model" / "config.json").read_text())["card"]["steps"]
         # the clock train.max_minutes is checked against (Lightning's Timer, kept across a resume)
         timer = torch.load(latest_checkpoint(folder), weights_only=True)["callbacks"]["Timer"]
         trained.write_text(json.dumps({"steps": steps, "resumed": resumed,
-                                       "minutes": timer["time_elapsed"]["train"] / 60,
+                                       "minutes": (cpu_seconds() - c0) / 60,  # CPU, start-up included
+                                       "train_wall_minutes": timer["time_elapsed"]["train"] / 60,
                                        "wall_minutes": (time.monotonic() - t0) / 60}))
     t0 = time.monotonic()
     rec = load_recognizer(folder)
@@ -332,7 +341,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dev-speakers", type=int, default=6)
     ap.add_argument("--arms", type=lambda s: s.split(","), default=["pretrained", "random"])
     ap.add_argument("--budgets", type=floats, default=[4.0, 8.0, 16.0], help="fine-tuning CPU-minutes, e.g. 4,8,16")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (the budgets are minutes on these)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--seeds", type=ints, default=[0], help="fine-tuning seeds of the final runs, e.g. 0,1")
     ap.add_argument("--lrs", type=floats, default=[3e-4, 1e-3, 3e-3])
     ap.add_argument("--encoder-lr-ratios", type=floats, default=[0.1, 1.0])
@@ -384,13 +393,14 @@ def main(argv=None) -> None:
         if leaked:
             log(f"WARNING: the pre-training data holds test-speaker audio: {', '.join(leaked)}")
     base = [f"train.val_every={NO_VALIDATION}", "train.log_every=5", "units.kind=char", *args.set]
-    rates = calibrate(out, split, preset, arch, base, args.calibration_steps, 1.0 if not args.quick else 0.2)
+    cost = calibrate(out, split, preset, arch, base, args.calibration_steps)
 
     def run(arm: str, s: Setting, budget: float, share: float, seed: int, folder: Path, score_on: str) -> dict:
         """One fine-tuning run of ``share`` x ``budget`` minutes (freeze steps scaled alike), scored."""
         freeze = round(s.freeze * share) if arm == "pretrained" else 0
-        steps = steps_within(share * budget, freeze, s.ratio, rates)
-        overrides = [*base, *s.overrides(steps, freeze), f"train.max_minutes={share * budget}", f"train.seed={seed}"]
+        steps = steps_within(share * budget, freeze, s.ratio, cost)
+        overrides = [*base, *s.overrides(steps, freeze), f"train.max_minutes={10 * share * budget}",
+                     f"train.seed={seed}"]
         log(f"== {arm} | {share * budget:g} min, {steps} steps | {s.describe()} | seed {seed} -> {folder}")
         if arm == "pretrained":
             return fine_tune_and_score(folder, model, None, split, overrides, score_on)
@@ -433,7 +443,7 @@ def write_report(out: Path, args, rows: list[dict], searches: list[dict], split:
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     lines = [f"Fine-tuning CER on unseen speakers of {args.corpus} ({machine}; greedy decoding; fine-tune "
              f"{len(split['speakers']['finetune'])} speakers, dev {len(split['speakers']['dev'])}, test {len(test_spk)})",
-             "", "| budget (min) | arm | seed | chosen settings (dev CER) | steps | minutes | test CER % (95% CI) "
+             "", "| budget (CPU-min) | arm | seed | chosen settings (dev CER) | steps | CPU-min used | test CER % (95% CI) "
              "| vs scratch, points (95% CI) | test speakers |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["cer_ci95"]
@@ -446,7 +456,7 @@ def write_report(out: Path, args, rows: list[dict], searches: list[dict], split:
                      f"{r['steps']} | {r['minutes']:.2f}{' (resumed)' if r['resumed'] else ''} | "
                      f"{100 * r['cer']:.1f} ({100 * lo:.1f}-{100 * hi:.1f}) | {delta} | {' '.join(test_spk)} |")
     table = "\n".join(lines)
-    extra = ["", "Search (dev speakers; * = chosen):", "", "| budget (min) | arm | setting | steps | dev CER % |",
+    extra = ["", "Search (dev speakers; * = chosen):", "", "| budget (CPU-min) | arm | setting | steps | dev CER % |",
              "|---|---|---|---|---|"]
     extra += [f"| {s['budget']:g} | {s['arm']} | {Setting(**s['setting']).describe()}{' *' if s['chosen'] else ''} | "
               f"{s['steps']} | {100 * s['dev_cer']:.1f} |" for s in searches]
