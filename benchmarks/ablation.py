@@ -16,6 +16,10 @@ Tasks (frozen features, SUPERB-style, head learning rate chosen on dev): 12-clas
 speech_commands_dev (speaker-disjoint halves), digits on fsdd (3-fold by speaker) and emotion on
 emodb_dev (5-fold by speaker: every test actor unseen). Pre-training data: speechocean762_dev and
 aishell1_dev (none of the test speakers). Writes OUT/ablation.md and OUT/ablation.json.
+
+Controls: ``--random`` evaluates each arm's architecture with random weights (what pre-training adds);
+``--wav2vec2`` pre-trains Hugging Face's ``Wav2Vec2ForPreTraining`` of the same size on the same data
+for the same CPU-minutes per seed (``benchmarks/hf_wav2vec2.py``, its CPU clock, 1 process).
 """
 
 from __future__ import annotations
@@ -106,6 +110,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads per pre-training")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--no-fbank", action="store_true", help="leave the filterbank baseline out")
+    ap.add_argument("--random", action="store_true", help="also each arm's architecture with random weights")
+    ap.add_argument("--wav2vec2", action="store_true", help="also wav2vec 2.0 (HF) at the same CPU-minutes per seed")
     ap.add_argument("--data-root", default=str(DEFAULT_DATA))
     args = ap.parse_args()
     arms = [parse_arm(a) for a in (args.arm or ["svqmae=", "encoder_only=model.variant=encoder_only"])]
@@ -140,7 +146,28 @@ def main() -> None:
 
     import torch
 
+    from svqmae import config as C
+    from svqmae.model import SVQMAE, save_model
+
     torch.set_num_threads(args.threads)  # on a shared machine two threads mostly wait for each other
+    seeds_of = {name: seeds for name, _ in arms}
+    if args.wav2vec2:
+        from hf_wav2vec2 import pretrain_wav2vec2
+
+        for seed in seeds:
+            d = out / f"wav2vec2_seed{seed}"
+            if not (d / "pretrain.json").is_file():
+                pretrain_wav2vec2([str(s) for s in sources], d, args.minutes, args.preset, seed=seed, clock="cpu")
+            steps.setdefault("wav2vec2", json.loads((d / "pretrain.json").read_text())["steps"])
+        seeds_of["wav2vec2"] = seeds
+    if args.random:
+        for name, ov in arms:
+            d = out / f"{name}_random" / "model"
+            if not (d / "model.safetensors").is_file():
+                cfg = C.resolve(args.preset, overrides=ov)
+                torch.manual_seed(0)
+                save_model(SVQMAE(cfg.model), cfg, d, card={"steps": 0})
+            seeds_of[f"{name}_random"] = [0]
     ks_train, ks_test = speaker_halves(data / "speech_commands_dev" / "manifest.tsv", out / "splits")
     task_spec = {
         "ks": dict(task="ks", train=str(ks_train), test=str(ks_test)),
@@ -148,8 +175,14 @@ def main() -> None:
         "er": dict(task="er", train=str(data / "emodb_dev" / "manifest.tsv"), folds=5, fold_by="speaker"),
     }
     models = {(name, seed): str(out / f"{name}_seed{seed}" / "model") for name, _ in arms for seed in seeds}
+    for name in seeds_of:
+        if name == "wav2vec2":
+            models.update({(name, seed): f"hf:{out / f'wav2vec2_seed{seed}'}" for seed in seeds})
+        elif name.endswith("_random"):
+            models[(name, 0)] = str(out / name / "model")
     if not args.no_fbank:
         models[("fbank", 0)] = "fbank"
+        seeds_of["fbank"] = [0]
     results: dict[tuple[str, int, str], dict] = {}
     for (name, seed), spec in models.items():
         for t in tasks:
@@ -160,14 +193,14 @@ def main() -> None:
             results[(name, seed, t)] = r
             log(f"{name} seed {seed} {t}: {100 * r['value']:.1f}")
 
-    names = [name for name, _ in arms] + ([] if args.no_fbank else ["fbank"])
+    names = list(seeds_of)
     lines = ["| model | steps | " + " | ".join(f"{t} (mean of seeds; each seed)" for t in tasks) + " |",
              "|---|---|" + "---|" * len(tasks)]
     summary = {}
     for name in names:
         row = [name, str(steps.get(name, "-"))]
         for t in tasks:
-            vals = [100 * results[(name, s, t)]["value"] for s in (seeds if name != "fbank" else [0])]
+            vals = [100 * results[(name, s, t)]["value"] for s in seeds_of[name]]
             summary[(name, t)] = vals
             row.append(f"{np.mean(vals):.1f} ({', '.join(f'{v:.1f}' for v in vals)})")
         lines.append("| " + " | ".join(row) + " |")
