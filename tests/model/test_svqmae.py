@@ -25,12 +25,12 @@ def test_encoder_output_does_not_depend_on_masked_content():
     for variant in ("svqmae", "encoder_only"):
         model = SVQMAE(tiny_cfg(f"model.variant={variant}").model).eval()
         waves, lengths = batch()
-        tokens, tok_len = model.frontend(waves, lengths)
+        tokens, tok_len, level = model.frontend(waves, lengths, with_level=True)
         mask = span_mask(tok_len, tokens.shape[1], 0.7, 3, torch.Generator().manual_seed(0))
         noisy = torch.where(mask[..., None], torch.randn_like(tokens) * 5, tokens)
         if variant == "svqmae":
-            a, idx, n_vis = model.forward_encoder(tokens, mask, tok_len)
-            b, _, _ = model.forward_encoder(noisy, mask, tok_len)
+            a, idx, n_vis = model.forward_encoder(tokens, mask, tok_len, level)
+            b, _, _ = model.forward_encoder(noisy, mask, tok_len, level)
             assert a.shape[1] == int(n_vis.max())
             assert torch.allclose(a, b, atol=1e-6)
             assert n_vis.tolist() == [(L - m) for L, m in zip(tok_len.tolist(), mask.sum(1).tolist())]
@@ -38,23 +38,23 @@ def test_encoder_output_does_not_depend_on_masked_content():
             hb = model.forward_decoder(b, idx, n_vis, mask, tok_len)
             assert ha.shape[0] == int(mask.sum()) and torch.allclose(ha, hb, atol=1e-6)
         else:
-            a = model.forward_encoder_only(tokens, mask, tok_len)
-            b = model.forward_encoder_only(noisy, mask, tok_len)
+            a = model.forward_encoder_only(tokens, mask, tok_len, level)
+            b = model.forward_encoder_only(noisy, mask, tok_len, level)
             assert torch.allclose(a, b, atol=1e-6)
         # ... while it does depend on the visible content
         changed = torch.where(~mask[..., None], tokens + 1.0, tokens)
         if variant == "svqmae":
-            assert not torch.allclose(model.forward_encoder(changed, mask, tok_len)[0], a, atol=1e-3)
+            assert not torch.allclose(model.forward_encoder(changed, mask, tok_len, level)[0], a, atol=1e-3)
 
 
 def test_encoder_sees_only_visible_tokens_and_their_original_positions():
     model = SVQMAE(tiny_cfg().model).eval()
     waves, lengths = batch(1, (1.6,))
-    tokens, tok_len = model.frontend(waves, lengths)
+    tokens, tok_len, level = model.frontend(waves, lengths, with_level=True)
     mask = span_mask(tok_len, tokens.shape[1], 0.7, 3, torch.Generator().manual_seed(0))
     seen = {}
     h = model.encoder.register_forward_hook(lambda m, args, out: seen.update(x=args[0], pos=args[1]))
-    model.forward_encoder(tokens, mask, tok_len)
+    model.forward_encoder(tokens, mask, tok_len, level)
     h.remove()
     assert seen["x"].shape[1] == int((~mask).sum())  # V = 30% of T
     assert seen["pos"][0].tolist() == torch.nonzero(~mask[0]).flatten().tolist()
@@ -84,12 +84,12 @@ def test_decoder_output_does_not_depend_on_batch_padding():
     model = SVQMAE(tiny_cfg().model).eval()
     assert model.dec_conv is not None and model.dec_conv.kernel_size == (15,)
     waves, lengths = batch()
-    tokens, tok_len = model.frontend(waves, lengths)
+    tokens, tok_len, level = model.frontend(waves, lengths, with_level=True)
     mask = span_mask(tok_len, tokens.shape[1], 0.7, 3, torch.Generator().manual_seed(1))
     n = int(tok_len[2])
     with torch.no_grad():
-        h = model.forward_decoder(*model.forward_encoder(tokens, mask, tok_len), mask, tok_len)
-        one = (tokens[2:3, :n], mask[2:3, :n], tok_len[2:3])
+        h = model.forward_decoder(*model.forward_encoder(tokens, mask, tok_len, level), mask, tok_len)
+        one = (tokens[2:3, :n], mask[2:3, :n], tok_len[2:3], level[2:3])
         alone = model.forward_decoder(*model.forward_encoder(*one), one[1], one[2])
     assert alone.shape[0] == int(mask[2].sum())
     assert torch.allclose(h[-alone.shape[0]:], alone, atol=1e-5)  # the last utterance's masked rows

@@ -78,7 +78,7 @@ def test_resume_continues_from_the_last_checkpoint(run, capfd):
 def test_transcribe_prints_text_for_each_file(run, capsys, tmp_path):
     out = tmp_path / "hyp.json"
     assert main(["transcribe", "--model", str(run["out"]), str(run["dev"].parent / "audio"), "--out", str(out)]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = capsys.readouterr().out.rstrip("\n").splitlines()  # a transcript may be empty: "path\t"
     assert len(lines) == 4 and all(line.split("\t")[0].endswith(".wav") for line in lines)
     rows = json.loads(out.read_text())
     assert [r["text"] for r in rows] == [line.split("\t")[1] for line in lines]
@@ -164,7 +164,8 @@ def test_each_layer_gets_the_learning_rate_the_options_say(schedule):
         optimizer.step()
         sched.step()
     # head = train.lr; encoder 0.1 of it; 2 blocks: the last x0.5, the first x0.25, the embedding x0.125
-    share = {"ctc_head": 1.0, "encoder.norm": 0.1, "encoder.blocks.1": 0.05, "encoder.blocks.0": 0.025, "embed": 0.0125}
+    share = {"ctc_head": 1.0, "encoder.norm": 0.1, "encoder.blocks.1": 0.05, "encoder.blocks.0": 0.025, "embed": 0.0125,
+             "level_embed": 0.0125}
     names = {id(p): n for n, p in module.model.named_parameters()}
     seen = []
     for g in optimizer.param_groups:
@@ -176,7 +177,8 @@ def test_each_layer_gets_the_learning_rate_the_options_say(schedule):
             seen.append(names[id(p)])
     assert sorted(seen) == sorted(n for n, p in module.model.named_parameters() if p.requires_grad)
     assert optimizer.param_groups[0]["params"][0] is module.model.ctc_head.weight  # the logged lr is the head's
-    assert len(optimizer.param_groups) == 2 * len(share) - 1  # decay and none per share; the final norm has no matrix
+    # decay and none per rate; the final norm has no matrix
+    assert len(optimizer.param_groups) == 2 * len(set(share.values())) - 1
 
 
 def test_one_learning_rate_keeps_the_two_groups_earlier_checkpoints_hold():

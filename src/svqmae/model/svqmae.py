@@ -111,6 +111,8 @@ class SVQMAE(nn.Module):
         ``generator`` (CPU) draws the masks (``model.mask.count`` per utterance: the front end and the
         quantizer run once, the encoder and decoder on every masked copy). Returns the loss and metrics
         (scalars; ``tokens`` and ``visible_tokens`` count the masked copies)."""
+        # level: a statistic of the whole utterance, masked tokens included, as the per-utterance
+        # normalization of the tokens is: 2F numbers, not the masked tokens' content
         tokens, tok_len, level = self.frontend(waves, lengths, with_level=True)  # (B, T, C), (B,), (B, 2F)
         B, T, _ = tokens.shape
         codes = self.quantizer(tokens)  # (B, T, G) targets
@@ -140,6 +142,9 @@ class SVQMAE(nn.Module):
         (B, 2F) is added to every real token. Padded slots carry nothing of any real token."""
         x = self.embed[1](self.embed[0](tokens * valid[..., None]))  # (B, N, D), LayerNorm-ed
         if getattr(self, "level_embed", None) is not None:  # after the LayerNorm: the level stays linear
+            if level is None:
+                raise ValueError("this model (model.features.level) needs each utterance's level: "
+                                 "frontend(waves, lengths, with_level=True)")
             x = x + self.level_embed(level)[:, None] * valid[..., None]
         return self.embed[2](x)
 
