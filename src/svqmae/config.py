@@ -39,9 +39,10 @@ class FeatureConfig:
     # True: each utterance's level (per-bin mean and log standard deviation of its log-mel frames, 2F
     # values, what "utterance" normalization removes) is projected and added to every token's embedding,
     # so the encoder keeps loudness and spectral level (emotion, speaker) while the tokens and the
-    # quantizer's targets stay normalized (emotion +9.7 points, keywords +2.8: BENCHMARKS.md).
+    # quantizer's targets stay normalized (emotion +9.7 points, keywords +2.8 on speech_commands, but
+    # keywords -19 on the built-in demo's synthetic voices: BENCHMARKS.md; so off by default).
     # Models saved before this option load with False (config.ADDED_KEYS)
-    level: bool = True
+    level: bool = False
 
 
 @dataclass
