@@ -324,10 +324,16 @@ def validate(cfg: Config, source: str) -> None:
     need(t.max_batch_seconds >= t.max_utt_seconds, "train.max_batch_seconds must be >= train.max_utt_seconds")
 
 
+def private_tmp(path: Path, suffix: str = "") -> Path:
+    """A temporary name beside ``path`` that no other process or thread uses (``suffix`` keeps the
+    format), to write and then rename: DDP ranks may write the same file at once."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{suffix}")
+
+
 def save_yaml(cfg: Config, path: str | Path) -> None:
     """Write atomically, through a temporary file of this process's own (DDP ranks write it at once)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp = private_tmp(path)
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     os.replace(tmp, path)
 

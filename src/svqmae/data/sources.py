@@ -16,7 +16,6 @@ import csv
 import logging
 import math
 import os
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from lhotse.cut import Cut
 from lhotse.lazy import LazyIteratorChain
 from lhotse.utils import compute_num_samples
 
+from ..config import private_tmp
 from .audio import (
     AUDIO_EXTENSIONS,
     AudioError,
@@ -136,20 +136,15 @@ def _write_probe_cache(folder: Path, cuts: CutSet, problems: Problems, cache: Pa
     text = "path\treason\n" + "".join(f"{p}\t{' '.join(r.split())}\n" for p, r in problems.items)
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = _private_tmp(cuts_file, ".jsonl.gz")
+        tmp = private_tmp(cuts_file, ".jsonl.gz")
         cuts.to_file(tmp)
         os.replace(tmp, cuts_file)
-        tmp = _private_tmp(problems_file, ".tsv")
+        tmp = private_tmp(problems_file, ".tsv")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, problems_file)
     except OSError as e:
         log.warning("could not write the probe cache %s (%s); the folder will be probed again next time",
                     cuts_file, e)
-
-
-def _private_tmp(path: Path, suffix: str) -> Path:
-    """A temporary name beside ``path`` that no other process uses (``suffix`` keeps the format)."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{suffix}")
 
 
 def _seconds(row: dict, key: str, where: str) -> float | None:
@@ -412,7 +407,7 @@ def write_manifest(rows, path: str | Path) -> Path:
     rows = list(rows)
     cols = [c for c in MANIFEST_COLUMNS if c == "path" or any(str(r.get(c, "") or "") for r in rows)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _private_tmp(path, ".tsv")
+    tmp = private_tmp(path, ".tsv")
     with open(tmp, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(cols)
