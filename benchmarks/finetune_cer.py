@@ -18,9 +18,12 @@ For every budget B in ``--budgets`` (CPU-minutes of fine-tuning: user + system t
 its loader workers), each arm:
 
 1. searches the same grid (``--lrs`` x ``--encoder-lr-ratios`` x ``--layer-decays`` x ``--freeze-steps``
-   x ``--warmups``; freezing a random encoder is pointless, so that arm's freeze is 0) with runs of
-   ``--search-fraction`` x B minutes (freeze steps scaled alike) and picks the setting with the lowest
-   dev CER (greedy decoding);
+   x ``--warmups`` x ``--layer-sums`` x ``--reinit-tops``; freezing or re-initialising a random encoder is
+   pointless, so that arm's freeze and re-initialisation are 0) with runs of ``--search-fraction`` x B
+   minutes (freeze steps scaled alike) and picks the setting with the lowest dev CER (greedy decoding);
+   with ``--search-budget S`` the search runs once, at S minutes, and each arm's choice serves every
+   budget. At ``--search-fraction 1`` the first seed's final run is the chosen search run itself
+   (trained once, scored on the dev and then the test speakers);
 2. fine-tunes with that setting for B minutes per seed (``--seeds``) and scores the test speakers: CER
    with a 95% bootstrap interval over test utterances, and for the pre-trained arm the paired difference
    to the scratch arm of the same seed (a 95% paired bootstrap interval: below 0 everywhere = pre-training
@@ -196,9 +199,12 @@ class Setting:
     decay: float  # ctc.layer_decay
     freeze: int  # ctc.freeze_steps at the full budget (pre-trained arm only)
     warmup: float  # tri-stage warm-up, share of the steps (hold 0.4, decay the rest)
+    layer_sum: bool = False  # ctc.layer_sum: the head reads a learned weighted sum of every layer
+    reinit: int = 0  # ctc.reinit_top: the top blocks restart from random weights (pre-trained arm only)
 
     def tag(self) -> str:
-        return f"lr{self.lr:g}_r{self.ratio:g}_ld{self.decay:g}_f{self.freeze}_w{self.warmup:g}"
+        return (f"lr{self.lr:g}_r{self.ratio:g}_ld{self.decay:g}_f{self.freeze}_w{self.warmup:g}"
+                + ("_sum" if self.layer_sum else "") + (f"_re{self.reinit}" if self.reinit else ""))
 
     def describe(self) -> str:
         text = f"lr {self.lr:g}, encoder x{self.ratio:g}"
@@ -206,19 +212,27 @@ class Setting:
             text += f", layer decay {self.decay:g}"
         if self.freeze:
             text += f", freeze {self.freeze}"
+        if self.layer_sum:
+            text += ", layer sum"
+        if self.reinit:
+            text += f", top {self.reinit} re-initialised"
         return text + f", warm-up {self.warmup:.0%}"
 
     def overrides(self, steps: int, freeze: int) -> list[str]:
         return [f"train.lr={self.lr}", f"ctc.encoder_lr_ratio={self.ratio}", f"ctc.layer_decay={self.decay}",
                 f"ctc.freeze_steps={freeze}", f"train.max_steps={steps}",
                 f"ctc.stages=[{self.warmup},0.4,{round(0.6 - self.warmup, 6)}]",
-                f"train.warmup_steps={max(1, round(self.warmup * steps))}"]
+                f"train.warmup_steps={max(1, round(self.warmup * steps))}",
+                f"ctc.layer_sum={str(self.layer_sum).lower()}", f"ctc.reinit_top={self.reinit}"]
 
 
 def grid(args, arm: str) -> list[Setting]:
-    """The search grid; the random arm's freeze is 0 (finetune ignores freezing a random encoder)."""
+    """The search grid; the random arm's freeze and re-initialisation are 0 (both mean nothing for a
+    random encoder)."""
     freezes = args.freeze_steps if arm == "pretrained" else [0]
-    points = itertools.product(args.lrs, args.encoder_lr_ratios, args.layer_decays, freezes, args.warmups)
+    reinits = args.reinit_tops if arm == "pretrained" else [0]
+    points = itertools.product(args.lrs, args.encoder_lr_ratios, args.layer_decays, freezes, args.warmups,
+                               [bool(x) for x in args.layer_sums], reinits)
     return list(dict.fromkeys(Setting(*p) for p in points))
 
 
@@ -275,7 +289,7 @@ def fine_tune_and_score(folder: Path, model: str, preset: str | None, split: dic
     from svqmae.tasks.recognizer import load_recognizer
     from svqmae.tasks.transcribe import score
 
-    done = folder / "result.json"
+    done = folder / ("result.json" if score_on == "dev" else f"result_{score_on}.json")
     if done.is_file():
         return json.loads(done.read_text())
     trained = folder / "trained.json"
@@ -348,7 +362,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--layer-decays", type=floats, default=[1.0])
     ap.add_argument("--freeze-steps", type=ints, default=[0, 100], help="pre-trained arm only")
     ap.add_argument("--warmups", type=floats, default=[0.1], help="tri-stage warm-up shares")
+    ap.add_argument("--layer-sums", type=ints, default=[0], help="ctc.layer_sum values, e.g. 0,1")
+    ap.add_argument("--reinit-tops", type=ints, default=[0], help="ctc.reinit_top values, pre-trained arm only")
     ap.add_argument("--search-fraction", type=float, default=0.25, help="search runs get this share of a budget")
+    ap.add_argument("--search-budget", type=float, default=0.0,
+                    help="search once, at this budget, and use each arm's choice at every budget (0: search "
+                         "at each budget)")
     ap.add_argument("--calibration-steps", type=int, default=40)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning overrides, all runs")
     ap.add_argument("--quick", action="store_true", help="smoke test of the whole pipeline in under 3 minutes")
@@ -406,24 +425,35 @@ def main(argv=None) -> None:
             return fine_tune_and_score(folder, model, None, split, overrides, score_on)
         return fine_tune_and_score(folder, "random", preset, split, [*arch, *overrides], score_on)
 
-    rows, searches = [], []
-    for budget in args.budgets:  # budget by budget: an interrupted session keeps whole budgets
-        where = out / f"budget{budget:g}min"
+    def search(budget: float) -> dict:
+        """Each arm's setting with the lowest dev CER after runs of ``search_fraction`` x ``budget``."""
         chosen = {}
         for arm in args.arms:
-            dev = {s: run(arm, s, budget, args.search_fraction, args.seeds[0], where / "search" / arm / s.tag(), "dev")
-                   for s in settings[arm]}
+            dev = {s: run(arm, s, budget, args.search_fraction, args.seeds[0],
+                          out / f"budget{budget:g}min" / "search" / arm / s.tag(), "dev") for s in settings[arm]}
             best = min(dev, key=lambda s: dev[s]["cer"])  # ties: the first in grid order
-            chosen[arm] = (best, dev[best]["cer"])
-            searches += [{"budget": budget, "arm": arm, "setting": asdict(s), "dev_cer": r["cer"], "steps": r["steps"],
-                          "chosen": s == best} for s, r in dev.items()]
+            chosen[arm] = (best, dev[best]["cer"], budget)
+            searches.extend({"budget": budget, "arm": arm, "setting": asdict(s), "dev_cer": r["cer"],
+                             "steps": r["steps"], "chosen": s == best} for s, r in dev.items())
+        return chosen
+
+    rows, searches = [], []
+    once = search(args.search_budget) if args.search_budget else None
+    for budget in args.budgets:  # budget by budget: an interrupted session keeps whole budgets
+        where = out / f"budget{budget:g}min"
+        chosen = once or search(budget)
         for seed in args.seeds:
-            final = {arm: run(arm, chosen[arm][0], budget, 1.0, seed, where / "final" / arm / f"seed{seed}", "test")
-                     for arm in args.arms}
+            final = {}
+            for arm in args.arms:
+                s, _, searched_at = chosen[arm]
+                folder = where / "final" / arm / f"seed{seed}"
+                if args.search_fraction == 1.0 and searched_at == budget and seed == args.seeds[0]:
+                    folder = where / "search" / arm / s.tag()  # the same run: trained once, scored on test too
+                final[arm] = run(arm, s, budget, 1.0, seed, folder, "test")
             for arm, r in final.items():
                 row = {"budget": budget, "arm": arm, "seed": seed, "setting": asdict(chosen[arm][0]),
-                       "dev_cer": chosen[arm][1], **{k: r[k] for k in ("steps", "minutes", "cer", "cer_ci95", "wer",
-                                                                        "resumed")}}
+                       "dev_cer": chosen[arm][1], "searched_at": chosen[arm][2],
+                       **{k: r[k] for k in ("steps", "minutes", "cer", "cer_ci95", "wer", "resumed")}}
                 if arm == "pretrained" and "random" in final:
                     row["delta"] = paired_difference(r, final["random"])
                 rows.append(row)
@@ -451,7 +481,9 @@ def write_report(out: Path, args, rows: list[dict], searches: list[dict], split:
         if "delta" in r:
             d, dlo, dhi = r["delta"]
             delta = f"{100 * d:+.1f} ({100 * dlo:+.1f} to {100 * dhi:+.1f})"
-        chosen = f"{Setting(**r['setting']).describe()} ({100 * r['dev_cer']:.1f})"
+        at = r.get("searched_at", r["budget"])
+        chosen = (f"{Setting(**r['setting']).describe()} ({100 * r['dev_cer']:.1f}"
+                  + (f", searched at {at:g} min)" if at != r["budget"] else ")"))
         lines.append(f"| {r['budget']:g} | {names.get(r['arm'], r['arm'])} | {r['seed']} | {chosen} | "
                      f"{r['steps']} | {r['minutes']:.2f}{' (resumed)' if r['resumed'] else ''} | "
                      f"{100 * r['cer']:.1f} ({100 * lo:.1f}-{100 * hi:.1f}) | {delta} | {' '.join(test_spk)} |")

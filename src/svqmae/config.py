@@ -219,7 +219,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 RETIRED_KEYS = {"train.compile"}
 ADDED_KEYS = {"model.decoder_conv": 0, "model.features.norm": "utterance", "model.features.level": False,
               "model.mask.count": 1,
-              "ctc.encoder_lr_ratio": 1.0, "ctc.layer_decay": 1.0}
+              "ctc.encoder_lr_ratio": 1.0, "ctc.layer_decay": 1.0, "ctc.layer_sum": False, "ctc.reinit_top": 0}
 
 
 def apply_saved(cfg: Any, d: dict[str, Any], source: str) -> None:
@@ -387,6 +387,12 @@ class CTCConfig:
     stages: tuple[float, float, float] = (0.1, 0.4, 0.5)  # tri-stage shares of max_steps
     final_lr_ratio: float = 0.05  # tri-stage: lr at the end, as a share of train.lr
     head_dropout: float = 0.1  # dropout on the encoder output before the CTC head
+    # the CTC head's input: False = the encoder's last layer; True = a learned softmax-weighted sum of every
+    # hidden state (the embedding and each block, each layer-normalised), as SUPERB's probes use
+    layer_sum: bool = False
+    # a pre-trained encoder's top N blocks (and its final norm) start from random weights: what the
+    # pre-training objective specialised them for is not what CTC needs; 0 = keep them
+    reinit_top: int = 0
     upsample: int = 1  # CTC frames per token: 2 doubles the label rate (long transcripts at 25 Hz)
     lstm_layers: int = 3  # the fbank baseline's BiLSTM
     lstm_dim: int = 0  # its width (both directions); 0: the preset's encoder width

@@ -271,3 +271,27 @@ def test_corrupt_checkpoint_is_set_aside_and_the_previous_one_resumed(run, tmp_p
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]  # the same progress log as pre-training's
     assert all({"nonfinite_skipped", "oom_retries", "audio_seconds_per_s", "lr"} <= set(r) for r in steps)
+
+
+def test_layer_sum_and_reinit_top_fine_tune_save_and_load(run, tmp_path):
+    """A head on the weighted sum of layers over a pre-trained encoder whose top block restarted: the
+    layer weights train while the encoder is frozen, the kept block stays put, and the saved recognizer
+    loads (and refuses export-hf, which has no such head)."""
+    from svqmae.tasks.hf.export import export_hf
+
+    pre = weights(run["root"] / "pre")
+    out = finetune(str(run["root"] / "pre"), [str(run["train"])], [str(run["dev"])], tmp_path / "sum",
+                   overrides=FAST + ["train.max_steps=4", "ctc.freeze_steps=4", "ctc.layer_sum=true",
+                                     "ctc.reinit_top=1"])
+    after = weights(out)
+    assert not torch.equal(after["layer_weights"], torch.zeros(3))  # trained while frozen
+    assert torch.equal(after["encoder.blocks.0.qkv.weight"], pre["encoder.blocks.0.qkv.weight"])
+    assert not torch.equal(after["encoder.blocks.1.qkv.weight"], pre["encoder.blocks.1.qkv.weight"])  # restarted
+    from svqmae.tasks.finetune import lr_scales
+
+    module = ft_module("ctc.layer_sum=true", *LAYERWISE)
+    assert lr_scales(module.model, module.cfg.ctc)["layer_weights"] == (0, 1.0)  # the head's place and rate
+    rec = load_recognizer(out)
+    assert rec.cfg.ctc.layer_sum and rec.model.layer_weights.shape == (3,)
+    with pytest.raises(C.ConfigError, match="ctc.layer_sum"):
+        export_hf(str(out), tmp_path / "hf")

@@ -62,7 +62,14 @@ class CTCModel(nn.Module):
             self.frontend, self.quantizer, self.embed, self.encoder = enc.frontend, enc.quantizer, enc.embed, enc.encoder
             self.level_embed = enc.level_embed
             dim = cfg.model.encoder.dim
+            if encoder is not None and cfg.ctc.reinit_top:
+                self.reinit_top(cfg.ctc.reinit_top)
+            if cfg.ctc.layer_sum:  # one weight per hidden state: the embedding and each block
+                self.layer_weights = nn.Parameter(torch.zeros(cfg.model.encoder.layers + 1))
         else:
+            if cfg.ctc.layer_sum or cfg.ctc.reinit_top:
+                raise ConfigError("ctc.layer_sum and ctc.reinit_top are for the svqmae backbone, not the "
+                                  "filterbank BiLSTM baseline")
             dim = cfg.ctc.lstm_dim or cfg.model.encoder.dim
             self.frontend = FilterbankFrontend(f)
             self.lstm_in = nn.Sequential(nn.Linear(f.n_mels * f.stack, dim), nn.LayerNorm(dim))
@@ -72,13 +79,24 @@ class CTCModel(nn.Module):
         self.ctc_head = nn.Linear(dim, vocab_size * cfg.ctc.upsample)
         init_weights(self.ctc_head)
 
+    def reinit_top(self, n: int) -> None:
+        """Random weights for the top ``n`` blocks and the final norm (``ctc.reinit_top``)."""
+        blocks = self.encoder.blocks
+        if not 0 < n <= len(blocks):
+            raise ConfigError(f"ctc.reinit_top={n}: the encoder has {len(blocks)} blocks")
+        for block in blocks[len(blocks) - n:]:
+            block.apply(init_weights)
+        self.encoder.norm.apply(init_weights)
+
     @property
     def downsample_rate(self) -> int:
         return self.frontend.hop * self.cfg.model.features.stack // self.cfg.ctc.upsample
 
+    HEAD = ("ctc_head.", "layer_weights")  # what trains while the encoder is frozen
+
     def encoder_parameters(self):
-        """What ``ctc.freeze_steps`` freezes: everything before the head."""
-        return [p for n, p in self.named_parameters() if not n.startswith("ctc_head")]
+        """What ``ctc.freeze_steps`` freezes: everything before the head (and its layer weights)."""
+        return [p for n, p in self.named_parameters() if not n.startswith(self.HEAD)]
 
     def frames(self, num_samples: torch.Tensor) -> torch.Tensor:
         """CTC output frames for utterances of ``num_samples`` samples."""
@@ -96,11 +114,15 @@ class CTCModel(nn.Module):
             if self.backbone == "svqmae":
                 pos = torch.arange(T, device=tokens.device).expand(B, T)
                 valid = ~padding_mask(tok_len, T)
-                h = self.encoder(SVQMAE.embed_tokens(self, tokens, level, valid), pos, valid)[-1]  # (B, T, D)
+                hidden = self.encoder(SVQMAE.embed_tokens(self, tokens, level, valid), pos, valid)  # L+1 x (B, T, D)
+                h = hidden[-1]
             else:
                 packed = nn.utils.rnn.pack_padded_sequence(self.lstm_in(tokens), tok_len.clamp_min(1).cpu(),
                                                            batch_first=True, enforce_sorted=False)
                 h = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=T)[0]
+        if getattr(self, "layer_weights", None) is not None:  # outside the freeze: the weights always train
+            w = self.layer_weights.softmax(0)
+            h = sum(w[i] * nn.functional.layer_norm(x, x.shape[-1:]) for i, x in enumerate(hidden))
         k = self.cfg.ctc.upsample
         logits = self.ctc_head(self.head_drop(h)).view(B, T * k, self.vocab_size)
         return logits.float().log_softmax(-1), tok_len * k

@@ -198,7 +198,7 @@ def lr_scales(model: CTCModel, c: C.CTCConfig) -> dict[str, tuple[int, float]]:
     n = model.cfg.model.encoder.layers
     out = {}
     for name, _ in model.named_parameters():
-        if name.startswith("ctc_head."):
+        if name.startswith(CTCModel.HEAD):
             out[name] = (0, 1.0)
             continue
         block = re.match(r"encoder\.blocks\.(\d+)\.", name)

@@ -112,6 +112,10 @@ def export_hf(model: str | Path, out: str | Path, with_code: bool = False) -> Pa
             if rec.model.backbone != "svqmae":
                 raise C.ConfigError(f"{src / 'ctc.json'}: a {rec.model.backbone} recognizer (the filterbank baseline) "
                                     "has no svqmae encoder to export")
+            if rec.cfg.ctc.layer_sum:
+                raise C.ConfigError(f"{src / 'ctc.json'}: a recognizer whose head reads a weighted sum of layers "
+                                    "(ctc.layer_sum) has no transformers equivalent yet; export-hf supports the "
+                                    "default head (the last layer)")
             if rec.units.kind != "char":
                 raise C.ConfigError(f"{src / 'units.model'}: sentencepiece units have no Wav2Vec2CTCTokenizer "
                                     "equivalent; export-hf supports character units (svqmae finetune --units char)")
