@@ -200,13 +200,25 @@ def _shar_epochs(shar, workers: int, epochs: int) -> list:
     return [shar_loader(shar, 60, 2, 10, workers, 0, 2000, epochs=epochs)]
 
 
-def compare_loaders(conditions: dict, workers=(0, 1, 2), audio_s: float = 2500, reps: int = 3, log=print) -> list[dict]:
+def lazy_copy(cuts, path: Path):
+    """The same loose-file cuts as a lhotse manifest opened lazily: how loose files come at corpus scale
+    (svqmae reads a manifest over ``LAZY_MANIFEST_BYTES`` this way), each cut parsed on every pass."""
+    from lhotse import CutSet
+
+    if not path.is_file():
+        cuts.to_file(path)
+    return CutSet.from_jsonl_lazy(path)
+
+
+def compare_loaders(conditions: dict, workers=(0, 1, 2), audio_s: float = 2500, reps: int = 3, log=print,
+                    lazy: bool = False) -> list[dict]:
     """For each condition {name: (loose TSV, Shar dir)} and worker count: the loose-file loader and the
     Shar loader on the same batching (60-second batches, 2-second crops, Shar buffer 2000), whole
     epochs (at least ``audio_s`` of audio), ``reps`` times, alternating (loose, Shar, loose, Shar,
-    ...), so that both see the same machine load. -> one row per condition x workers: median
-    audio-seconds per CPU-second and per wall-second of each, and the median of the per-repetition
-    Shar / loose ratios."""
+    ...), so that both see the same machine load. With ``lazy``, a third arm: the same loose files
+    from a lazily read lhotse manifest (the corpus-scale case). -> one row per condition x workers:
+    median audio-seconds per CPU-second and per wall-second of each, and the median of the
+    per-repetition Shar / loose ratios (and Shar / lazy)."""
     rows = []
     for name, (tsv, shar_dir) in conditions.items():
         loose, shar = load_source(tsv), open_shar(shar_dir)
@@ -214,22 +226,27 @@ def compare_loaders(conditions: dict, workers=(0, 1, 2), audio_s: float = 2500, 
         for w in workers:
             make = {"loose": partial(_loose_epochs, loose, w, epochs),
                     "shar": partial(_shar_epochs, shar, w, epochs)}
-            got = {"loose": [], "shar": []}
+            if lazy:
+                make["lazy"] = partial(_loose_epochs, lazy_copy(loose, Path(tsv).with_suffix(".jsonl.gz")), w, epochs)
+            got = {arm: [] for arm in make}
             for _ in range(reps):
-                for arm in ("loose", "shar"):
+                for arm in make:
                     got[arm].append(loader_cost(make[arm]()))
             row = {"condition": name, "workers": w, "epochs": epochs}
             for arm, runs in got.items():
                 row[f"{arm}_per_cpu_s"] = round(float(np.median([r["audio_s"] / r["cpu_s"] for r in runs])), 1)
                 row[f"{arm}_per_wall_s"] = round(float(np.median([r["audio_s"] / r["wall_s"] for r in runs])), 1)
-            for unit in ("cpu", "wall"):
-                row[f"ratio_{unit}"] = round(float(np.median([
-                    (s["audio_s"] / s[f"{unit}_s"]) / (lo["audio_s"] / lo[f"{unit}_s"])
-                    for lo, s in zip(got["loose"], got["shar"])])), 3)
+            for other, suffix in (("loose", ""), ("lazy", "_lazy")):
+                for unit in ("cpu", "wall") if other in got else ():
+                    row[f"ratio_{unit}{suffix}"] = round(float(np.median([
+                        (s["audio_s"] / s[f"{unit}_s"]) / (lo["audio_s"] / lo[f"{unit}_s"])
+                        for lo, s in zip(got[other], got["shar"])])), 3)
             rows.append(row)
             log(f"loader {name:<38} workers {w}: audio-s per CPU-s loose {row['loose_per_cpu_s']:>6,.0f} "
                 f"Shar {row['shar_per_cpu_s']:>6,.0f} (x{row['ratio_cpu']:.2f}); per wall-s loose "
-                f"{row['loose_per_wall_s']:>6,.0f} Shar {row['shar_per_wall_s']:>6,.0f} (x{row['ratio_wall']:.2f})")
+                f"{row['loose_per_wall_s']:>6,.0f} Shar {row['shar_per_wall_s']:>6,.0f} (x{row['ratio_wall']:.2f})"
+                + (f"; lazy manifest: per CPU-s {row['lazy_per_cpu_s']:>6,.0f} (Shar x{row['ratio_cpu_lazy']:.2f}), "
+                   f"per wall-s {row['lazy_per_wall_s']:>6,.0f} (x{row['ratio_wall_lazy']:.2f})" if lazy else ""))
     return rows
 
 
@@ -244,6 +261,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--speech-commands", default=str(SPEECH_COMMANDS), metavar="TSV",
                     help="16 kHz 1-second utterances for the loader comparison (skipped if absent)")
+    ap.add_argument("--lazy-loose", action="store_true",
+                    help="loader comparison: a third arm, the loose files from a lazily read lhotse manifest")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     root = Path(args.out)
@@ -282,7 +301,8 @@ def main() -> None:
         conditions["speech_commands 1 s, same FLAC bytes"] = (loose_copy(sc_shar, root / "loose_speech_commands"), sc_shar)
     conditions[f"base set {args.sizes[0]}, same FLAC bytes"] = (loose_copy(small, root / "loose_small"), small)
     conditions[f"base set {args.sizes[0]}, loose as distributed"] = (tsv0, small)
-    speed = compare_loaders(conditions, args.workers, args.loader_audio, args.reps, log=lambda m: print(m, flush=True))
+    speed = compare_loaders(conditions, args.workers, args.loader_audio, args.reps, log=lambda m: print(m, flush=True),
+                            lazy=args.lazy_loose)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"shard_seconds": shard_s, "first_step": rows, "loader": speed}, indent=1))
