@@ -71,6 +71,7 @@ def test_reinit_top_restarts_only_the_top_blocks_of_a_pretrained_encoder():
     from svqmae.config import ConfigError
     with pytest.raises(ConfigError, match="reinit_top=3: the encoder has 2 blocks"):
         ctc_model("ctc.reinit_top=3", encoder=pre)
+    from svqmae.model.ctc import CTCModel
     with pytest.raises(ConfigError, match="filterbank BiLSTM"):
-        from svqmae.model.ctc import CTCModel
         CTCModel(resolve_finetune("tiny", overrides=TINY + ["ctc.layer_sum=true"]), 6, backbone="lstm")
+    CTCModel(resolve_finetune("tiny", overrides=TINY + ["ctc.reinit_top=1"]), 6, backbone="lstm")  # a no-op there

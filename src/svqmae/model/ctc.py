@@ -67,9 +67,8 @@ class CTCModel(nn.Module):
             if cfg.ctc.layer_sum:  # one weight per hidden state: the embedding and each block
                 self.layer_weights = nn.Parameter(torch.zeros(cfg.model.encoder.layers + 1))
         else:
-            if cfg.ctc.layer_sum or cfg.ctc.reinit_top:
-                raise ConfigError("ctc.layer_sum and ctc.reinit_top are for the svqmae backbone, not the "
-                                  "filterbank BiLSTM baseline")
+            if cfg.ctc.layer_sum:  # (ctc.reinit_top, like freezing, means nothing without a pre-trained encoder)
+                raise ConfigError("ctc.layer_sum is for the svqmae backbone, not the filterbank BiLSTM baseline")
             dim = cfg.ctc.lstm_dim or cfg.model.encoder.dim
             self.frontend = FilterbankFrontend(f)
             self.lstm_in = nn.Sequential(nn.Linear(f.n_mels * f.stack, dim), nn.LayerNorm(dim))
