@@ -223,11 +223,12 @@ def compare_loaders(conditions: dict, workers=(0, 1, 2), audio_s: float = 2500, 
     for name, (tsv, shar_dir) in conditions.items():
         loose, shar = load_source(tsv), open_shar(shar_dir)
         epochs = max(1, math.ceil(audio_s / sum(shar.seconds)))
+        lazy_cuts = lazy_copy(loose, Path(tsv).with_suffix(".jsonl.gz")) if lazy else None
         for w in workers:
             make = {"loose": partial(_loose_epochs, loose, w, epochs),
                     "shar": partial(_shar_epochs, shar, w, epochs)}
             if lazy:
-                make["lazy"] = partial(_loose_epochs, lazy_copy(loose, Path(tsv).with_suffix(".jsonl.gz")), w, epochs)
+                make["lazy"] = partial(_loose_epochs, lazy_cuts, w, epochs)
             got = {arm: [] for arm in make}
             for _ in range(reps):
                 for arm in make:

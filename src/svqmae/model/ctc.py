@@ -48,6 +48,8 @@ class CTCModel(nn.Module):
     those of :class:`SVQMAE` without its decoder (plus ``ctc_head``), so the saved weights also load
     as a plain encoder with ``svqmae.load``."""
 
+    HEAD = ("ctc_head.", "layer_weights")  # parameter-name prefixes of the head: what trains while the encoder is frozen
+
     def __init__(self, cfg: FinetuneConfig, vocab_size: int, backbone: str = "svqmae",
                  encoder: SVQMAE | None = None):
         super().__init__()
@@ -91,8 +93,6 @@ class CTCModel(nn.Module):
     def downsample_rate(self) -> int:
         return self.frontend.hop * self.cfg.model.features.stack // self.cfg.ctc.upsample
 
-    HEAD = ("ctc_head.", "layer_weights")  # what trains while the encoder is frozen
-
     def encoder_parameters(self):
         """What ``ctc.freeze_steps`` freezes: everything before the head (and its layer weights)."""
         return [p for n, p in self.named_parameters() if not n.startswith(self.HEAD)]
@@ -119,7 +119,7 @@ class CTCModel(nn.Module):
                 packed = nn.utils.rnn.pack_padded_sequence(self.lstm_in(tokens), tok_len.clamp_min(1).cpu(),
                                                            batch_first=True, enforce_sorted=False)
                 h = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=T)[0]
-        if getattr(self, "layer_weights", None) is not None:  # outside the freeze: the weights always train
+        if self.cfg.ctc.layer_sum:  # outside the freeze: the weights always train (svqmae backbone only)
             w = self.layer_weights.softmax(0)
             h = sum(w[i] * nn.functional.layer_norm(x, x.shape[-1:]) for i, x in enumerate(hidden))
         k = self.cfg.ctc.upsample
