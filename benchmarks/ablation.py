@@ -74,6 +74,11 @@ def run(cmd: list[str], threads: int, logfile: Path) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def dev_accuracy(report: dict) -> float:
+    """The probe's accuracy on its dev split (speakers held out of the training side), mean over folds."""
+    return float(np.mean([r["dev_accuracy"] for r in report["runs"]]))
+
+
 def probe(args, arms, sources, out: Path) -> dict[str, float]:
     """CPU seconds per step of each arm: (CPU of 3n steps - CPU of n steps) / 2n, arms interleaved,
     ``--parallel`` probes at a time as the real runs will be."""
@@ -108,6 +113,7 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--parallel", type=int, default=1, help="pre-trainings running at the same time")
     ap.add_argument("--threads", type=int, default=2, help="threads per pre-training")
+    ap.add_argument("--eval-threads", type=int, help="threads of the evaluation after the pre-trainings (default: --threads)")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--no-fbank", action="store_true", help="leave the filterbank baseline out")
     ap.add_argument("--random", action="store_true", help="also each arm's architecture with random weights")
@@ -149,7 +155,8 @@ def main() -> None:
     from svqmae import config as C
     from svqmae.model import SVQMAE, save_model
 
-    torch.set_num_threads(args.threads)  # on a shared machine two threads mostly wait for each other
+    # on a shared machine two threads mostly wait for each other; the evaluation runs alone
+    torch.set_num_threads(args.eval_threads or args.threads)
     seeds_of = {name: seeds for name, _ in arms}
     if args.wav2vec2:
         from hf_wav2vec2 import pretrain_wav2vec2
@@ -191,7 +198,7 @@ def main() -> None:
             r = evaluate(spec, ts["task"], ts["train"], ts.get("test"), out=str(out / "eval" / f"{t}_{name}_{seed}"),
                          cache=str(out / "features"), progress=False, **opts)
             results[(name, seed, t)] = r
-            log(f"{name} seed {seed} {t}: {100 * r['value']:.1f}")
+            log(f"{name} seed {seed} {t}: {100 * r['value']:.1f} (dev {100 * dev_accuracy(r):.1f})")
 
     names = list(seeds_of)
     lines = ["| model | steps | " + " | ".join(f"{t} (mean of seeds; each seed)" for t in tasks) + " |",
@@ -212,6 +219,13 @@ def main() -> None:
             diffs.append(f"{t} {np.mean(d):+.1f} (per seed {', '.join(f'{x:+.1f}' for x in d)})")
         lines.append(f"\n{ref} minus {name}: " + "; ".join(diffs))
     cis = {f"{n}/{s}/{t}": r["ci95"] for (n, s, t), r in results.items()}
+    dev = {f"{n}/{s}/{t}": round(100 * dev_accuracy(r), 2) for (n, s, t), r in results.items()}
+    # model selection without the test speakers: each arm's dev accuracy (the probes' held-out speakers of
+    # the training side), averaged over the tasks and seeds
+    selection = {name: round(float(np.mean([dev[f"{name}/{s}/{t}"] for s in seeds_of[name] for t in tasks])), 2)
+                 for name in names}
+    lines.append("\nmean dev accuracy over tasks (for choosing a setting; test speakers not used): "
+                 + ", ".join(f"{k} {v:.1f}" for k, v in selection.items()))
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
     note = (f"\nEqual compute: {args.minutes:g} CPU-minutes of {ref} per arm ("
             + (", ".join(f"{k} {v:.3f} CPU-s/step" for k, v in cost.items()) if cost else "fixed steps")
@@ -222,7 +236,8 @@ def main() -> None:
     (out / "ablation.md").write_text(text)
     (out / "ablation.json").write_text(json.dumps({"steps": steps, "seconds_per_step": cost, "args": vars(args),
                                                    "accuracy": {f"{k[0]}/{k[1]}": v for k, v in summary.items()},
-                                                   "ci95": cis}, indent=1))
+                                                   "ci95": cis, "dev_accuracy": dev, "selection": selection},
+                                                  indent=1))
 
 
 if __name__ == "__main__":
