@@ -35,7 +35,9 @@ def test_old_pretrained_folder_gives_identical_hidden_states():
         with torch.no_grad():
             hidden, tok_len = model.extract(waves, lengths)
         assert torch.equal(tok_len, torch.from_numpy(e["token_lengths"]))
-        np.testing.assert_allclose(torch.stack(hidden).numpy(), e["hidden"], rtol=0, atol=1e-6, err_msg=str(path))
+        # float32 kernels differ between CPUs (unchanged code was 6e-6 off the fixture on an AMD EPYC of these
+        # machines); a change of behaviour moves hidden states by far more than 1e-4
+        np.testing.assert_allclose(torch.stack(hidden).numpy(), e["hidden"], rtol=0, atol=1e-4, err_msg=str(path))
 
 
 def test_old_finetuned_folder_gives_identical_ctc_outputs():
@@ -44,7 +46,7 @@ def test_old_finetuned_folder_gives_identical_ctc_outputs():
     with torch.no_grad():
         lp, frames = rec.model(waves, lengths)
     assert torch.equal(frames, torch.from_numpy(e["ctc_frames"]))
-    np.testing.assert_allclose(lp.numpy(), e["ctc_logprobs"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(lp.numpy(), e["ctc_logprobs"], rtol=0, atol=1e-4)
     assert rec.units.decode(list(range(2, len(rec.units)))), "units load"
 
 
