@@ -15,7 +15,10 @@ its own steps.
 Tasks (frozen features, SUPERB-style, head learning rate chosen on dev): 12-class keyword spotting on
 speech_commands_dev (speaker-disjoint halves), digits on fsdd (3-fold by speaker) and emotion on
 emodb_dev (5-fold by speaker: every test actor unseen). Pre-training data: speechocean762_dev and
-aishell1_dev (none of the test speakers). Writes OUT/ablation.md and OUT/ablation.json.
+aishell1_dev (none of the test speakers). Writes OUT/ablation.md and OUT/ablation.json; both carry each
+arm's dev accuracy (the probes' speakers held out of their training side, mean over tasks and seeds), the
+figure to choose settings by: the test speakers never choose. A search on one seed overfits that small dev
+split (BENCHMARKS.md, 2026-12-05): confirm a winner on several seeds before adopting it.
 
 Controls: ``--random`` evaluates each arm's architecture with random weights (what pre-training adds);
 ``--wav2vec2`` pre-trains Hugging Face's ``Wav2Vec2ForPreTraining`` of the same size on the same data
