@@ -55,7 +55,9 @@ TASKS = (  # (evaluate task, corpus folder, what the table calls it)
 )
 
 
-def run_demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
+def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overrides: tuple[str, ...] = ()) -> dict:
+    """``overrides``: ``key=value`` settings on top of the demo's own (e.g. to try a model option on
+    the demo, or ``train.max_minutes=1e9`` for a step budget that does not depend on the machine's load)."""
     from .. import config as C
     from ..data.synth import synthesize
     from ..engine.plots import read_metrics
@@ -69,7 +71,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
     corpus = out / "corpus"
 
     _log("== 2/3 pre-training a tiny SVQ-MAE on the unlabeled train split")
-    cfg = C.resolve("tiny", overrides=[*s.overrides, f"train.seed={seed}"])
+    cfg = C.resolve("tiny", overrides=[*s.overrides, f"train.seed={seed}", *overrides])
     run = out / "pretrain"
     model_dir = pretrain([str(corpus / "pretrain.tsv")], run, cfg)
     metrics = read_metrics(run)
@@ -93,7 +95,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
                                 else str(rep["upstream"])})
 
     summary = {
-        "quick": quick, "seed": seed, "minutes_of_audio": round(corpus_info["hours"] * 60, 1),
+        "quick": quick, "seed": seed, "overrides": list(overrides), "minutes_of_audio": round(corpus_info["hours"] * 60, 1),
         "pretrain": _pretrain_summary(train_rows, metrics), "results": results,
         "seconds": round(time.monotonic() - t0, 1), "model": str(model_dir),
     }
@@ -187,7 +189,7 @@ def _plots(out: Path, run: Path, rows: list[dict], results: list[dict]) -> list[
 
 
 def cmd_demo(args) -> None:
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    run_demo(args.out, quick=args.quick, seed=args.seed, overrides=tuple(args.set))
 
 
 def add_cli(sub) -> None:
@@ -195,4 +197,6 @@ def add_cli(sub) -> None:
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="everything goes here (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a smoke test in under a minute (tiny corpus and model)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a pre-training setting on top of the demo's (repeatable)")
     p.set_defaults(func=cmd_demo)
