@@ -43,11 +43,6 @@ class FeatureConfig:
     # keywords -19 on the built-in demo's synthetic voices: BENCHMARKS.md; so off by default).
     # Models saved before this option load with False (config.ADDED_KEYS)
     level: bool = False
-    # with level: 0 gives all 2F statistics; n > 0 only the first n cosine-transform coefficients of the
-    # per-bin mean and of the per-bin log standard deviation across the mel bins (2n values; n = 1: the
-    # utterance's loudness and dynamic range, 2: and their spectral tilt): a coarse level that keeps
-    # arousal but not the fine spectral envelope that tells voices apart
-    level_coeffs: int = 0
 
 
 @dataclass
@@ -223,7 +218,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # ADDED_KEYS: added since, with the value that reproduces what a model saved before them did.
 RETIRED_KEYS = {"train.compile"}
 ADDED_KEYS = {"model.decoder_conv": 0, "model.features.norm": "utterance", "model.features.level": False,
-              "model.features.level_coeffs": 0, "model.mask.count": 1,
+              "model.mask.count": 1,
               "ctc.encoder_lr_ratio": 1.0, "ctc.layer_decay": 1.0, "ctc.layer_sum": False, "ctc.reinit_top": 0}
 
 
@@ -317,8 +312,6 @@ def validate(cfg: Config, source: str) -> None:
     need(m.mask.count >= 1, "model.mask.count must be >= 1")
     need(m.features.norm in ("utterance", "global"), f"model.features.norm must be utterance or global, got {m.features.norm!r}")
     need(m.features.stack >= 1, "model.features.stack must be >= 1")
-    need(0 <= m.features.level_coeffs <= m.features.n_mels,
-         f"model.features.level_coeffs must be 0 (all bins) to n_mels ({m.features.n_mels}), got {m.features.level_coeffs}")
     need(m.decoder_conv == 0 or (m.decoder_conv > 0 and m.decoder_conv % 2 == 1),
          f"model.decoder_conv must be 0 (none) or an odd kernel size, got {m.decoder_conv}")
     need(m.quantizer.codebook_size >= 2, "model.quantizer.codebook_size must be >= 2")

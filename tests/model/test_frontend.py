@@ -48,26 +48,3 @@ def test_level_is_what_utterance_normalization_removes_and_ignores_padding():
     assert torch.allclose(alone[0], level[2], atol=1e-4)  # padding changes nothing
     quiet = model.frontend(waves * 0.25, lengths, with_level=True)[2]
     assert float((level[:, :80] - quiet[:, :80]).mean()) > 2.0  # 12 dB quieter: the level sees it
-
-
-def test_coarse_level_is_the_cosine_summary_of_the_full_level(tmp_path):
-    """``model.features.level_coeffs=n``: the level shrinks to the first n cosine coefficients of the
-    per-bin mean and log standard deviation; coefficient 0 is their mean over the bins (loudness and
-    dynamic range), 12 dB quieter moves it by log(1/16), and the basis is not part of the weights."""
-    waves, lengths = batch()
-    full = SVQMAE(tiny_cfg("model.features.level=true").model)
-    model = SVQMAE(tiny_cfg("model.features.level=true", "model.features.level_coeffs=3").model)
-    lf = full.frontend(waves, lengths, with_level=True)[2]  # (B, 2F)
-    lc = model.frontend(waves, lengths, with_level=True)[2]  # (B, 2n)
-    assert model.frontend.level_dim == 6 and lc.shape == (3, 6) and model.level_embed.in_features == 6
-    assert torch.allclose(lc[:, 0], lf[:, :80].mean(1), atol=1e-4)
-    assert torch.allclose(lc[:, 3], lf[:, 80:].mean(1), atol=1e-4)
-    tilt = torch.cos(torch.pi * (torch.arange(80) + 0.5) / 80) / 80  # low bins minus high bins
-    assert torch.allclose(lc[:, 1], lf[:, :80] @ tilt, atol=1e-4)
-    quiet = model.frontend(waves * 0.25, lengths, with_level=True)[2]
-    assert torch.allclose(lc[:, 0] - quiet[:, 0], torch.full((3,), 2 * torch.log(torch.tensor(4.0))), atol=0.05)
-    assert torch.allclose(lc[:, 3:], quiet[:, 3:], atol=0.05)  # dynamic range: unchanged by gain
-    assert not any("level_basis" in k for k in model.state_dict())
-    model.save_pretrained(tmp_path / "m")
-    again = SVQMAE.from_pretrained(tmp_path / "m")
-    assert torch.equal(again.frontend(waves, lengths, with_level=True)[2], lc)

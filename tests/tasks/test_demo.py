@@ -12,7 +12,7 @@ from svqmae.model import SVQMAE
 
 def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    sets = ["train.max_steps=8", "model.features.level=true", "model.features.level_coeffs=1"]
+    sets = ["train.max_steps=8", "model.features.level=true"]
     assert cli.main(["demo", "--out", str(out), "--quick", *(a for s in sets for a in ("--set", s))]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "results.json").read_text())
@@ -21,7 +21,7 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     p = summary["pretrain"]
     assert p["steps"] == 8 and len(p["loss"]) == 2 and "pre-training: 8 steps" in printed  # --set wins
     assert summary["overrides"] == sets
-    assert SVQMAE.from_pretrained(out / "pretrain" / "model").cfg.features.level_coeffs == 1
+    assert SVQMAE.from_pretrained(out / "pretrain" / "model").cfg.features.level
     assert (out / "plots" / "pretrain_curves.png").is_file() and (out / "plots" / "codebook_usage.png").is_file()
     if importlib.util.find_spec("svqmae.evaluate") is not None:
         got = {(r["task"].split(" (")[0], r["model"]) for r in summary["results"]}

@@ -33,15 +33,6 @@ class FilterbankFrontend(nn.Module):
         if cfg.norm == "global":
             self.register_buffer("global_mean", torch.zeros(cfg.n_mels))  # (F,)
             self.register_buffer("global_std", torch.ones(cfg.n_mels))  # (F,)
-        if cfg.level_coeffs:  # (F, n) cosine basis across the mel bins; column 0 is the mean over bins
-            i, k = torch.arange(cfg.n_mels)[:, None] + 0.5, torch.arange(cfg.level_coeffs)[None, :]
-            basis = torch.cos(torch.pi * k * i / cfg.n_mels) / cfg.n_mels
-            self.register_buffer("level_basis", basis, persistent=False)  # from the config: not saved
-
-    @property
-    def level_dim(self) -> int:
-        """Size of the utterance's level that ``forward(..., with_level=True)`` returns."""
-        return 2 * (self.cfg.level_coeffs or self.cfg.n_mels)
 
     def set_global_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Per-bin corpus statistics of the log-mel frames, (F,) each (``norm: global`` only)."""
@@ -68,8 +59,7 @@ class FilterbankFrontend(nn.Module):
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor, with_level: bool = False):
         """waves: (B, S) float at 16 kHz; lengths: (B,) samples -> tokens (B, T, C), token lengths (B,);
         with ``with_level``, also each utterance's level (B, 2F): the per-bin mean and log standard
-        deviation of its real log-mel frames (what per-utterance normalization removes); with
-        ``cfg.level_coeffs`` = n, only their first n cosine coefficients across the bins (B, 2n)."""
+        deviation of its real log-mel frames (what per-utterance normalization removes)."""
         s = self.cfg.stack
         feats, _ = self.log_mel(waves, lengths)  # (B, N, F)
         B, N, Fb = feats.shape
@@ -87,7 +77,4 @@ class FilterbankFrontend(nn.Module):
         tokens = feats.reshape(B, T, s * Fb)  # (B, T, C)
         if not with_level:
             return tokens, tok_len
-        mean, log_std = mean[:, 0], 0.5 * torch.log(var[:, 0] + 1e-5)  # (B, F) each
-        if self.cfg.level_coeffs:
-            mean, log_std = mean @ self.level_basis, log_std @ self.level_basis  # (B, n) each
-        return tokens, tok_len, torch.cat([mean, log_std], -1)  # (B, 2F) or (B, 2n)
+        return tokens, tok_len, torch.cat([mean, 0.5 * torch.log(var + 1e-5)], -1)[:, 0]  # (B, 2F)

@@ -34,8 +34,8 @@ class SVQMAE(nn.Module):
         self.frontend = FilterbankFrontend(f)
         self.quantizer = Quantizer(q, C)
         self.embed = nn.Sequential(nn.Linear(C, enc.dim), nn.LayerNorm(enc.dim), nn.Dropout(enc.dropout))
-        # model.features.level: the utterance's level (2F, or 2n coarse), added to every token after the LayerNorm
-        self.level_embed = nn.Linear(self.frontend.level_dim, enc.dim) if f.level else None
+        # model.features.level: the utterance's level (2F), added to every token after the LayerNorm
+        self.level_embed = nn.Linear(2 * f.n_mels, enc.dim) if f.level else None
         self.encoder = Transformer(enc)
         if cfg.variant == "svqmae":
             # the decoupled decoder: it alone reconstructs; dropped after pre-training
