@@ -30,3 +30,10 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
         assert "| keyword spotting (12 classes) | accuracy |" in printed
         assert (out / "plots" / "results.png").is_file()
         assert len(list((out / "eval").glob("*.json"))) == 4
+
+
+def test_demo_bad_set_fails_before_synthesis(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--quick", "--set", "model.encoder.layerz=3"]) != 0
+    assert "unknown config key 'model.encoder.layerz'" in capsys.readouterr().err
+    assert not (out / "corpus").exists()  # nothing synthesized for a run that cannot start

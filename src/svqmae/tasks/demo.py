@@ -64,6 +64,8 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overrides: tup
     from .pretrain import pretrain
 
     s = QUICK if quick else FULL
+    # resolved first: a bad --set fails before minutes of synthesis, not after
+    cfg = C.resolve("tiny", overrides=[*s.overrides, f"train.seed={seed}", *overrides])
     out = Path(out)
     t0 = time.monotonic()
     _log(f"== 1/3 demo corpus ({s.minutes:g} min of synthetic speech)")
@@ -71,7 +73,6 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overrides: tup
     corpus = out / "corpus"
 
     _log("== 2/3 pre-training a tiny SVQ-MAE on the unlabeled train split")
-    cfg = C.resolve("tiny", overrides=[*s.overrides, f"train.seed={seed}", *overrides])
     run = out / "pretrain"
     model_dir = pretrain([str(corpus / "pretrain.tsv")], run, cfg)
     metrics = read_metrics(run)
