@@ -77,6 +77,17 @@ def run(cmd: list[str], threads: int, logfile: Path) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def task_specs(data: Path, out: Path) -> dict[str, dict]:
+    """Each task's ``evaluate`` arguments: keyword spotting on speaker-disjoint halves (written to
+    OUT/splits), digits 3-fold and emotion 5-fold by speaker."""
+    ks_train, ks_test = speaker_halves(data / "speech_commands_dev" / "manifest.tsv", out / "splits")
+    return {
+        "ks": dict(task="ks", train=str(ks_train), test=str(ks_test)),
+        "digits": dict(task="classify", train=str(data / "fsdd" / "manifest.tsv"), folds=3, fold_by="speaker"),
+        "er": dict(task="er", train=str(data / "emodb_dev" / "manifest.tsv"), folds=5, fold_by="speaker"),
+    }
+
+
 def dev_accuracy(report: dict) -> float:
     """The probe's accuracy on its dev split (speakers held out of the training side), mean over folds."""
     return float(np.mean([r["dev_accuracy"] for r in report["runs"]]))
@@ -178,12 +189,7 @@ def main() -> None:
                 torch.manual_seed(0)
                 save_model(SVQMAE(cfg.model), cfg, d, card={"steps": 0})
             seeds_of[f"{name}_random"] = [0]
-    ks_train, ks_test = speaker_halves(data / "speech_commands_dev" / "manifest.tsv", out / "splits")
-    task_spec = {
-        "ks": dict(task="ks", train=str(ks_train), test=str(ks_test)),
-        "digits": dict(task="classify", train=str(data / "fsdd" / "manifest.tsv"), folds=3, fold_by="speaker"),
-        "er": dict(task="er", train=str(data / "emodb_dev" / "manifest.tsv"), folds=5, fold_by="speaker"),
-    }
+    task_spec = task_specs(data, out)
     models = {(name, seed): str(out / f"{name}_seed{seed}" / "model") for name, _ in arms for seed in seeds}
     for name in seeds_of:
         if name == "wav2vec2":

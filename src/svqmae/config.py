@@ -43,6 +43,14 @@ class FeatureConfig:
     # keywords -19 on the built-in demo's synthetic voices: BENCHMARKS.md; so off by default).
     # Models saved before this option load with False (config.ADDED_KEYS)
     level: bool = False
+    # True: the model's features (``extract()``) begin with one more state, before the input embedding:
+    # the utterance's level (the same 2F statistics) through a fixed random orthonormal map to the
+    # encoder's width D (saved with the weights, never trained), the same at every token. The encoder
+    # never sees it: per-utterance normalization stays lossless for whoever reads the features
+    # (emotion of unseen actors +10 points, keywords +4, the demo's unseen voices +12 on keywords:
+    # BENCHMARKS.md). Models saved before this option load with False and extract what they did
+    # (config.ADDED_KEYS)
+    level_state: bool = True
 
 
 @dataclass
@@ -218,7 +226,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # ADDED_KEYS: added since, with the value that reproduces what a model saved before them did.
 RETIRED_KEYS = {"train.compile"}
 ADDED_KEYS = {"model.decoder_conv": 0, "model.features.norm": "utterance", "model.features.level": False,
-              "model.mask.count": 1,
+              "model.features.level_state": False, "model.mask.count": 1,
               "ctc.encoder_lr_ratio": 1.0, "ctc.layer_decay": 1.0, "ctc.layer_sum": False, "ctc.reinit_top": 0}
 
 

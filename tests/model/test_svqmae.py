@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from svqmae.config import resolve
@@ -101,9 +103,38 @@ def test_extract_returns_every_layer():
     waves, lengths = batch()
     with torch.no_grad():
         hs, tl = model.extract(waves, lengths)
-    assert len(hs) == 2 + 1
+        plain, _ = model.extract(waves, lengths, level_state=False)
+    assert len(hs) == model.num_states == 1 + 1 + 2  # level, input embedding, 2 blocks
     assert all(h.shape == (3, 40, 64) for h in hs)
+    assert len(plain) == 3 and all(torch.equal(a, b) for a, b in zip(hs[1:], plain))
     assert model.downsample_rate == 640
+
+
+def test_level_state_is_the_utterance_level_and_nothing_else():
+    """State 0 (model.features.level_state): the statistics per-utterance normalization removed, through a
+    fixed orthonormal map, the same at every real token, zero at padding; a 12 dB quieter copy moves
+    only the means' part (by 2 ln 0.25, except near-silent bins at the filterbank's floor)."""
+    waves, lengths = batch()
+    for dim, heads in ((64, 4), (256, 4)):  # D < 2F (a random subspace) and D >= 2F (all of the level)
+        model = SVQMAE(tiny_cfg(f"model.encoder.dim={dim}", f"model.encoder.heads={heads}").model).eval()
+        P = model.level_proj  # (2F, D)
+        eye = torch.eye(min(160, dim))
+        torch.testing.assert_close(P @ P.T if dim >= 160 else P.T @ P, eye, atol=1e-5, rtol=0)
+        again = SVQMAE(tiny_cfg(f"model.encoder.dim={dim}", f"model.encoder.heads={heads}").model)
+        assert torch.equal(again.level_proj, P), "a pure function of the config"
+        with torch.no_grad():
+            loud, tl = model.extract(waves, lengths)
+            quiet, _ = model.extract(waves * 0.25, lengths)
+            _, _, level = model.frontend(waves, lengths, with_level=True)  # (B, 2F)
+            _, _, level_q = model.frontend(waves * 0.25, lengths, with_level=True)
+        state = loud[0]  # (B, T, D)
+        for b, n in enumerate(tl.tolist()):
+            assert torch.equal(state[b, :n], state[b, :1].expand(n, -1)) and not state[b, n:].any()
+        torch.testing.assert_close(state[:, 0], level @ P)
+        torch.testing.assert_close(quiet[0][:, 0], level_q @ P)
+        shift = level_q - level  # (B, 2F): means 12 dB down, log standard deviations about the same
+        assert ((shift[:, :80] - 2 * math.log(0.25)).abs() < 0.05).float().mean() > 0.9, shift[:, :80]
+        assert (shift[:, 80:].abs() < 0.05).float().mean() > 0.9, shift[:, 80:]
 
 
 def test_reconstruction_loss_is_optional():
@@ -159,7 +190,7 @@ def test_level_reaches_the_encoder_and_only_with_model_features_level():
     waves, lengths = batch()
     gaps = {}
     for level in (False, True):
-        model = SVQMAE(tiny_cfg(f"model.features.level={level}").model).eval()
+        model = SVQMAE(tiny_cfg(f"model.features.level={level}", "model.features.level_state=false").model).eval()
         if level:
             torch.nn.init.normal_(model.level_embed.weight, std=0.05)  # a clear signal for the test
         with torch.no_grad():

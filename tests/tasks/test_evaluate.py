@@ -74,7 +74,7 @@ def test_features_are_cached_and_results_reproducible(pitch):
 def test_random_upstream_layer_weights_sum_to_one(pitch, tmp_path):
     r = evaluate("random", "classify", pitch["train"], pitch["test"], out=str(tmp_path), cache=pitch["cache"],
                  **FAST)
-    assert len(r["layer_weights"]) == r["upstream"]["layers"] == 5
+    assert len(r["layer_weights"]) == r["upstream"]["layers"] == 6  # level, input embedding, 4 blocks
     assert sum(r["layer_weights"]) == pytest.approx(1.0, abs=1e-4)
     assert r["upstream"]["name"] == "random:tiny" and (tmp_path / "report.json").is_file()
 

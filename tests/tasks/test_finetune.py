@@ -62,7 +62,7 @@ def test_finetune_loss_falls_and_writes_a_self_contained_model(run):
     assert rec.units.labels[2:] == ["a", "b", "c", "d"]
     enc = svqmae.load(d)  # the fine-tuned encoder alone
     hidden, _ = enc.extract(torch.zeros(1, 16000))
-    assert len(hidden) == 3 and hidden[-1].shape == (1, 25, 64)
+    assert len(hidden) == 4 and hidden[-1].shape == (1, 25, 64)  # level, input embedding, 2 blocks
 
 
 def test_resume_continues_from_the_last_checkpoint(run, capfd):

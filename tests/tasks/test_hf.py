@@ -111,7 +111,7 @@ def test_automodel_hidden_states_equal_svqmae_extract_on_a_padded_batch(pretrain
     with torch.no_grad():
         out = model(**inputs, output_hidden_states=True)
     assert model.token_lengths(inputs["attention_mask"]).tolist() == tok_len.tolist()
-    assert len(out.hidden_states) == 3 and torch.equal(out.last_hidden_state, out.hidden_states[-1])
+    assert len(out.hidden_states) == 4 and torch.equal(out.last_hidden_state, out.hidden_states[-1])
     assert out.hidden_states[0].shape == ref[0].shape
     assert _max_diff(out.hidden_states, ref, tok_len) < 1e-5
     cfg = model.config

@@ -100,7 +100,7 @@ def test_tiny_run_writes_its_files_and_loss_falls(reference):
         assert meta["bytes"] == (out / "checkpoints" / n).stat().st_size
     model = svqmae.load(out / "model")
     hidden, lengths = model.extract(torch.zeros(1, 16000))
-    assert len(hidden) == 2 and hidden[-1].shape == (1, int(lengths[0]), 32)
+    assert len(hidden) == 3 and hidden[-1].shape == (1, int(lengths[0]), 32)  # level, input embedding, 1 block
 
 
 def test_kill9_at_a_random_step_then_resume_matches_the_uninterrupted_run(reference, tmp_path):

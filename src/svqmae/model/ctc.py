@@ -63,6 +63,8 @@ class CTCModel(nn.Module):
                 enc.load_state_dict(encoder.state_dict())
             self.frontend, self.quantizer, self.embed, self.encoder = enc.frontend, enc.quantizer, enc.embed, enc.encoder
             self.level_embed = enc.level_embed
+            if cfg.model.features.level_state:  # unused by CTC; kept so that the encoder in a recognizer is whole
+                self.register_buffer("level_proj", enc.level_proj)
             dim = cfg.model.encoder.dim
             if encoder is not None and cfg.ctc.reinit_top:
                 self.reinit_top(cfg.ctc.reinit_top)

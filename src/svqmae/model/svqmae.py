@@ -25,6 +25,14 @@ from .quantizer import Quantizer, code_stats
 from .transformer import Transformer, init_weights
 
 
+def level_projection(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """A fixed random map (n, dim) with orthonormal rows (n <= dim: the level keeps all its information)
+    or columns (n > dim), from a constant seed; saved with the weights, so it never changes for a model."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(max(n, dim), min(n, dim), generator=g))  # orthonormal columns
+    return (q.T if dim >= n else q).contiguous()
+
+
 class SVQMAE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -36,6 +44,8 @@ class SVQMAE(nn.Module):
         self.embed = nn.Sequential(nn.Linear(C, enc.dim), nn.LayerNorm(enc.dim), nn.Dropout(enc.dropout))
         # model.features.level: the utterance's level (2F), added to every token after the LayerNorm
         self.level_embed = nn.Linear(2 * f.n_mels, enc.dim) if f.level else None
+        if f.level_state:  # model.features.level_state: the level handed out beside the encoder (extract)
+            self.register_buffer("level_proj", level_projection(2 * f.n_mels, enc.dim))  # (2F, D), never trained
         self.encoder = Transformer(enc)
         if cfg.variant == "svqmae":
             # the decoupled decoder: it alone reconstructs; dropped after pre-training
@@ -59,6 +69,12 @@ class SVQMAE(nn.Module):
     def downsample_rate(self) -> int:
         """Input samples per output token."""
         return self.frontend.hop * self.cfg.features.stack
+
+    @property
+    def num_states(self) -> int:
+        """Hidden states ``extract()`` returns: [the level (model.features.level_state),] the input
+        embedding, one per encoder block."""
+        return int(self.cfg.features.level_state) + 1 + self.cfg.encoder.layers
 
     @property
     def has_decoder(self) -> bool:
@@ -203,16 +219,32 @@ class SVQMAE(nn.Module):
     # ---- feature extraction: no masking, every token, every layer
 
     def extract(
-        self, waves: torch.Tensor, lengths: torch.Tensor | None = None
+        self, waves: torch.Tensor, lengths: torch.Tensor | None = None, level_state: bool | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """waves: (B, S) float at 16 kHz; lengths: (B,) samples (default: all S).
 
         Returns (hidden_states, token_lengths): the input embedding and one state per encoder layer,
-        each (B, T, D), and (B,) real tokens per utterance."""
+        each (B, T, D), and (B,) real tokens per utterance. With ``level_state`` (default:
+        ``model.features.level_state``) the list begins with one more state, the utterance's level
+        (:meth:`level_to_state`): ``num_states`` in all; the last is always the top block's."""
         if lengths is None:
             lengths = torch.full((waves.shape[0],), waves.shape[1], dtype=torch.long, device=waves.device)
         tokens, tok_len, level = self.frontend(waves, lengths, with_level=True)  # (B, T, C), (B,), (B, 2F)
         B, T, _ = tokens.shape
         pos = torch.arange(T, device=waves.device).expand(B, T)
         valid = ~padding_mask(tok_len, T)
-        return self.encoder(SVQMAE.embed_tokens(self, tokens, level, valid), pos, valid), tok_len
+        hidden = self.encoder(SVQMAE.embed_tokens(self, tokens, level, valid), pos, valid)  # L+1 x (B, T, D)
+        if self.cfg.features.level_state if level_state is None else level_state:
+            if not hasattr(self, "level_proj"):
+                raise ValueError("this model has no level state (saved with model.features.level_state off)")
+            hidden = [SVQMAE.level_to_state(self, level, valid).to(hidden[0].dtype), *hidden]
+        return hidden, tok_len
+
+    def level_to_state(self, level: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The utterance's level as a hidden state: level (B, 2F) (per-bin mean and log standard deviation,
+        what per-utterance normalization took out of the tokens), valid (B, T) -> (B, T, D): the level
+        through the fixed orthonormal map ``level_proj`` (2F, D), the same at every real token, zero at
+        padding. A map rather than the raw values: a probe standardizes each dimension, and a mel bin that
+        is empty in a whole corpus (8 kHz audio above 4 kHz) would otherwise be amplified noise."""
+        x = level @ self.level_proj.to(level.dtype)  # (B, D)
+        return x[:, None, :] * valid[..., None].to(x.dtype)  # (B, T, D)

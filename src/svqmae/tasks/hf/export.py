@@ -216,7 +216,8 @@ def model_card(cfg, src: Path, card: dict, fine_tuned: bool, with_code: bool) ->
              f"input 16 kHz waveform, {m['features']['n_mels']}-bin log-mel inside the model, "
              f"{rate:g} {'CTC frames' if fine_tuned else 'tokens'} per second",
              f"- outputs: {cfg.vocab_size} CTC units (blank = `<pad>`, `<unk>` = `⁇`, space = `|`)" if fine_tuned
-             else "- outputs: `hidden_states` = input embedding + one per layer (`output_hidden_states=True`)",
+             else "- outputs: `hidden_states` = " + ("the utterance's level, " if m["features"].get("level_state") else "")
+             + "input embedding + one per layer (`output_hidden_states=True`)",
              f"- loading needs: {needs}"]
     lines += [f"- {k}: {v}" for k, v in card.items()]
     lines += ["", "```python"] + ([] if with_code else ["import svqmae  # registers model type 'svqmae'"])

@@ -3,8 +3,9 @@
 They are svqmae's own modules, not a re-implementation: ``SVQMAEModel`` holds the front end, token
 embedding and Transformer of :class:`svqmae.model.SVQMAE` (its decoder and quantizer, which only
 pre-training needs, are left out) under the same parameter names, and its forward pass is
-``SVQMAE.extract``. So the hidden states are svqmae's: ``hidden_states[0]`` is the input embedding,
-``hidden_states[i]`` the output of layer ``i`` (the last one final-normed, = ``last_hidden_state``),
+``SVQMAE.extract``. So the hidden states are svqmae's: the utterance's level (models with
+``model.features.level_state``, the default), the input embedding, then the output of each layer
+(the last one final-normed, = ``last_hidden_state``),
 one token per ``config.inputs_to_logits_ratio`` samples (640 = 40 ms by default).
 
 ``SVQMAEForCTC`` is svqmae's fine-tuned recognizer (:class:`svqmae.model.ctc.CTCModel` with the svqmae
@@ -122,7 +123,8 @@ class SVQMAEPreTrainedModel(PreTrainedModel):
 class SVQMAEModel(SVQMAEPreTrainedModel):
     """The svqmae encoder: ``input_values`` (B, S) 16 kHz + ``attention_mask`` (B, S) -> ``BaseModelOutput``
     with ``last_hidden_state`` (B, T, D) and, with ``output_hidden_states=True``, every layer's
-    ``hidden_states`` (input embedding + one per layer). Rows ``t >= token_lengths(attention_mask)[b]`` of
+    ``hidden_states``, those of svqmae's ``extract``: [the utterance's level (``model.features.level_state``),]
+    the input embedding, one per layer. Rows ``t >= token_lengths(attention_mask)[b]`` of
     utterance ``b`` are padding."""
 
     _extra_ok = ("ctc_head.",)  # the encoder of a fine-tuned folder
@@ -141,6 +143,9 @@ class SVQMAEModel(SVQMAEPreTrainedModel):
             torch.set_default_dtype(dtype)
         self.frontend, self.embed, self.encoder = core.frontend, core.embed.to(dtype), core.encoder.to(dtype)
         self.level_embed = core.level_embed.to(dtype) if core.level_embed is not None else None
+        self.with_level_state = core.cfg.features.level_state  # hidden_states[0]: the utterance's level
+        if self.with_level_state:
+            self.register_buffer("level_proj", core.level_proj)
         self.post_init()
 
     def token_lengths(self, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -155,7 +160,8 @@ class SVQMAEModel(SVQMAEPreTrainedModel):
         lengths = self.sample_lengths(input_values, attention_mask)
         dtype = self.embed[0].weight.dtype
         with torch.autocast(input_values.device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16)):
-            hidden, _ = SVQMAE.extract(self, input_values, lengths)  # svqmae's own forward, on these modules
+            # svqmae's own forward, on these modules: the same states as svqmae's extract
+            hidden, _ = SVQMAE.extract(self, input_values, lengths, level_state=self.with_level_state)
         states = tuple(hidden) if output_hidden_states else None
         if return_dict is False or (return_dict is None and not self.config.return_dict):
             return (hidden[-1],) + ((states,) if states is not None else ())
