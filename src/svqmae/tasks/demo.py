@@ -194,10 +194,11 @@ def cmd_demo(args) -> None:
 
 
 def add_cli(sub) -> None:
+    from ..engine.args import add_set_arg
+
     p = sub.add_parser("demo", help="synthesize a corpus, pre-train a tiny model, evaluate it (what `make demo` runs)")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="everything goes here (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a smoke test in under a minute (tiny corpus and model)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a pre-training setting on top of the demo's (repeatable)")
+    add_set_arg(p, "override a pre-training setting on top of the demo's (repeatable)")
     p.set_defaults(func=cmd_demo)

@@ -33,7 +33,7 @@ from lhotse import CutSet
 from .. import config as C
 from ..data import DataError, Problems, ctc_loader, load_source
 from ..data.text import build_units, load_units, normalize
-from ..engine.args import add_engine_args, engine_overrides
+from ..engine.args import add_engine_args, add_set_arg, engine_overrides
 from ..engine.module import EngineData, EngineModule, is_multi_device, resume_point, run, trainer_kwargs
 from ..engine.progress import log, quiet_lightning
 from ..engine.schedules import tristage, warmup_cosine
@@ -338,7 +338,6 @@ def add_cli(sub) -> None:
     p.add_argument("--vocab-size", type=int, help="sentencepiece vocabulary size (--units bpe)")
     p.add_argument("--preset", choices=sorted(C.PRESETS), help="architecture for --model random/fbank (default base)")
     p.add_argument("--config", action="append", default=[], metavar="YAML", help="YAML overrides (repeatable)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any setting, e.g. --set ctc.freeze_steps=0 --set train.lr=1e-4 (repeatable)")
+    add_set_arg(p, "override any setting, e.g. --set ctc.freeze_steps=0 --set train.lr=1e-4 (repeatable)")
     add_engine_args(p)
     p.set_defaults(func=cmd_finetune)
