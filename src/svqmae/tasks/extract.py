@@ -10,7 +10,7 @@
 
     The states are those of ``model.extract``: the input embedding, then the output of each encoder
     block (the last one final-normed); with ``model.features.level_state`` (the default since it was
-    added) the utterance's level comes first (:meth:`svqmae.model.SVQMAE.level_state`), so that layer 0
+    added) the utterance's level comes first (:meth:`svqmae.model.SVQMAE.level_to_state`), so that layer 0
     is the level and layer i + 1 block i. ``-1`` is always the top block.
     ``T`` is the utterance's real token count (padding is cut off), ``downsample_rate`` samples each.
     ``index.tsv`` has one row per utterance: ``id file path seconds tokens`` (``file``: the features,
