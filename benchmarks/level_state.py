@@ -53,8 +53,8 @@ class FbankWithLevel(Upstream):
     def __init__(self):
         super().__init__()
         self.fb = get_upstream("fbank")
-        self.ref = SVQMAE(C.resolve("tiny").model).drop_decoder()  # for its front end
-        self.proj = level_projection(2 * self.ref.cfg.features.n_mels, self.fb.dim)
+        # an svqmae model of the filterbanks' width, for its front end and its level state (level_proj: 2F x 240)
+        self.ref = SVQMAE(C.resolve("tiny", overrides=[f"model.encoder.dim={self.fb.dim}"]).model).drop_decoder()
         self.name, self.key = "fbank+level", "fbank+level"
         self.num_layers, self.dim, self.frame_rate = 2, self.fb.dim, self.fb.frame_rate
 
@@ -62,9 +62,8 @@ class FbankWithLevel(Upstream):
     def forward(self, waves, lengths):
         hidden, frames = self.fb(waves, lengths)  # (1, B, N, 240)
         _, _, level = self.ref.frontend(waves, lengths, with_level=True)  # (B, 2F)
-        state = (level @ self.proj)[None, :, None].expand_as(hidden)
         valid = torch.arange(hidden.shape[2])[None, :] < frames[:, None]  # (B, N)
-        return torch.cat([state * valid[None, ..., None], hidden]), frames
+        return torch.cat([self.ref.level_to_state(level, valid)[None], hidden]), frames
 
 
 def main() -> None:

@@ -66,6 +66,7 @@ class Upstream(nn.Module):
     dim: int
     frame_rate: float  # output frames per second
     batch_invariant: bool = True  # an utterance's features do not depend on the padding of its batch
+    state0: str = "input embedding"  # what the first hidden state is
 
     @torch.no_grad()
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +79,7 @@ class Upstream(nn.Module):
 
     def describe(self) -> dict:
         return {"name": self.name, "key": self.key, "layers": self.num_layers, "dim": self.dim,
-                "frame_rate": self.frame_rate, "state0": getattr(self, "state0", "input embedding")}
+                "frame_rate": self.frame_rate, "state0": self.state0}
 
 
 class SVQMAEUpstream(Upstream):
