@@ -142,7 +142,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a few M parameters; learns something in minutes on 2 CPU cores
     "tiny": {
         "model.encoder": dict(layers=4, dim=256, heads=4, ffn_dim=1024, dropout=0.0),
-        "model.decoder": dict(layers=2, dim=192, heads=3, ffn_dim=768, dropout=0.0),
+        # the decoder half the encoder's width, as small's and MAE's: 2x cheaper steps than the ablation's
+        # (3/4 of the width before 2026-12-05: 1.4x; BENCHMARKS.md, "A decoder half the encoder's width")
+        "model.decoder": dict(layers=2, dim=128, heads=2, ffn_dim=512, dropout=0.0),
         "model.quantizer.codebook_size": 512,
         "train": dict(lr=1.5e-3, warmup_steps=100, max_steps=2000, max_batch_seconds=120.0,
                       max_utt_seconds=8.0, val_items=32, val_every=100, ckpt_every_steps=100,
