@@ -112,6 +112,7 @@ class TrainConfig:
     max_batch_seconds: float = 320.0  # audio seconds per batch (per device)
     max_utt_seconds: float = 15.0  # longer utterances are randomly cropped
     min_utt_seconds: float = 0.5  # shorter utterances are skipped
+    speed_perturb: float = 0.0  # 0.1: each training utterance at a random speed in [0.9, 1.1] (tempo and pitch)
     num_buckets: int = 10
     num_workers: int = 2
     stream_buffer: int = 2000  # streamed data (Shar, large manifests): cuts each loader buffers to shuffle and bucket
@@ -331,6 +332,7 @@ def validate(cfg: Config, source: str) -> None:
         need((tc.dim // tc.heads) % 2 == 0, f"model.{name}: head size must be even (rotary embeddings)")
     need(t.precision in ("auto", "bf16", "32"), f"train.precision must be auto, bf16 or 32, got {t.precision!r}")
     need(t.accumulate >= 1, "train.accumulate must be >= 1")
+    need(0.0 <= t.speed_perturb < 1.0, f"train.speed_perturb must be in [0, 1), got {t.speed_perturb}")
     need(t.max_batch_seconds >= t.max_utt_seconds, "train.max_batch_seconds must be >= train.max_utt_seconds")
 
 

@@ -45,6 +45,24 @@ def test_crops_are_reproducible_per_epoch(tmp_path):
     assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (1, 16000)
 
 
+def test_speed_perturbation_is_seeded_bounded_and_keeps_the_crop_length(tmp_path):
+    write_wav(tmp_path / "short.wav", harmonic_tone(1.0))
+    write_wav(tmp_path / "long.wav", harmonic_tone(5.0))
+    cuts = load_source(tmp_path)
+    plain = WaveformBatches(max_seconds=2.0, seed=3)[(0, 0, cuts)]
+    ds = WaveformBatches(max_seconds=2.0, seed=3, speed=0.1)
+    a, b = ds[(0, 0, cuts)], ds[(0, 0, cuts)]
+    assert torch.equal(a["waves"], b["waves"])  # a pure function of seed, epoch and cut id
+    n = dict(zip(a["ids"], a["lengths"].tolist()))
+    short = next(i for i in a["ids"] if i.startswith("short"))
+    # the 1-s utterance: 1/factor as long for a factor in [0.9, 1.1], and not its plain length
+    assert 16000 / 1.1 - 2 <= n[short] <= 16000 / 0.9 + 2 and n[short] != 16000
+    long_ = next(i for i in a["ids"] if i.startswith("long"))
+    assert abs(n[long_] - 2 * 16000) <= 2  # cropped before the change of speed: still max_seconds
+    lengths = {tuple(ds[(e, 0, cuts)]["lengths"].tolist()) for e in range(6)}
+    assert len(lengths) > 1 and tuple(plain["lengths"].tolist()) not in lengths  # every epoch a new speed
+
+
 def test_a_lazy_manifest_streams_and_resumes_exactly_by_replaying_its_metadata(tmp_path):
     from svqmae.data import split_heldout
     from svqmae.data.loader import heldout_from_head

@@ -95,10 +95,6 @@ class CTCModel(nn.Module):
     def downsample_rate(self) -> int:
         return self.frontend.hop * self.cfg.model.features.stack // self.cfg.ctc.upsample
 
-    def encoder_parameters(self):
-        """What ``ctc.freeze_steps`` freezes: everything before the head (and its layer weights)."""
-        return [p for n, p in self.named_parameters() if not n.startswith(self.HEAD)]
-
     def frames(self, num_samples: torch.Tensor) -> torch.Tensor:
         """CTC output frames for utterances of ``num_samples`` samples."""
         return self.frontend.num_tokens(num_samples) * self.cfg.ctc.upsample

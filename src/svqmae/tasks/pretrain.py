@@ -200,7 +200,8 @@ def training_data(sources: list[str], out: Path, t: C.TrainConfig, problems: Pro
 
         def train_loader(start):
             return shar_loader(shar, t.max_batch_seconds, t.max_utt_seconds, t.num_buckets, t.num_workers, t.seed,
-                               t.stream_buffer, exclude=held, min_seconds=min_s, resume=module.stream_saved)
+                               t.stream_buffer, exclude=held, min_seconds=min_s, resume=module.stream_saved,
+                               speed=t.speed_perturb)
 
         return train_loader, val_cuts, shar.hours, val_cuts  # a stream's sample: the held-out slice
     cuts = load_sources(sources, problems, cache=out / "data_cache")
@@ -221,7 +222,8 @@ def training_data(sources: list[str], out: Path, t: C.TrainConfig, problems: Pro
 
     def train_loader(start):
         return pretrain_loader(train_cuts, t.max_batch_seconds, t.max_utt_seconds, t.num_buckets,
-                               t.num_workers, t.seed, shuffle=True, start=start, buffer_size=t.stream_buffer)
+                               t.num_workers, t.seed, shuffle=True, start=start, buffer_size=t.stream_buffer,
+                               speed=t.speed_perturb)
 
     return train_loader, val_cuts, hours, train_cuts
 
