@@ -95,7 +95,8 @@ class WaveformBatches(torch.utils.data.Dataset):
     or raise (strict=True). ``speed`` > 0 plays each utterance at a random speed in ``[1 - speed,
     1 + speed]`` (tempo and pitch together, as sox's ``speed``; also a pure function of seed, epoch and
     cut id), cropped first so that it still lasts at most ``max_seconds``; a batch's audio seconds then
-    differ from what the sampler counted by at most that share."""
+    differ from what the sampler counted by up to a factor ``1 / (1 - speed)`` (uncropped utterances
+    played slower)."""
 
     def __init__(self, sample_rate=16000, max_seconds: float | None = None, seed: int = 0, strict=False,
                  speed: float = 0.0):
@@ -184,8 +185,9 @@ def shar_loader(shar, max_batch_seconds: float, max_utt_seconds: float, num_buck
     from .shar import SharStream, duration_bins
 
     bins = duration_bins(shar, num_buckets, max_utt_seconds)
-    stream = SharStream(shar, WaveformBatches(max_seconds=max_utt_seconds, seed=seed, speed=speed), max_batch_seconds, bins, seed,
-                        buffer_size, crop=partial(_crop_view, max_seconds=max_utt_seconds), exclude=exclude,
+    dataset = WaveformBatches(max_seconds=max_utt_seconds, seed=seed, speed=speed)
+    stream = SharStream(shar, dataset, max_batch_seconds, bins, seed, buffer_size,
+                        crop=partial(_crop_view, max_seconds=max_utt_seconds), exclude=exclude,
                         min_seconds=min_seconds, resume=resume, epochs=epochs)
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                        prefetch_factor=4 if num_workers else None)
