@@ -61,6 +61,16 @@ class MaskConfig:
 
 
 @dataclass
+class MixConfig:
+    # WavLM's utterance mixing (pre-training only): this share of the utterances in a batch get a
+    # segment of another one added (at most max_share of their length, primary-to-added energy ratio
+    # uniform in +-ratio_db dB); the encoder hears the mixture, the targets are the clean utterance's
+    prob: float = 0.0
+    max_share: float = 0.5
+    ratio_db: float = 5.0
+
+
+@dataclass
 class QuantizerConfig:
     kind: str = "random"  # "random": frozen random projection (BEST-RQ); "learned": EMA k-means VQ
     codebook_size: int = 1024  # K
@@ -85,6 +95,7 @@ class ModelConfig:
     variant: str = "svqmae"  # "svqmae" (visible-only encoder + decoupled decoder) | "encoder_only" (ablation)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     encoder: TransformerConfig = field(default_factory=TransformerConfig)
     decoder: TransformerConfig = field(
@@ -321,6 +332,9 @@ def validate(cfg: Config, source: str) -> None:
     need(0.0 < m.mask.ratio < 1.0, f"model.mask.ratio must be in (0, 1), got {m.mask.ratio}")
     need(m.mask.span >= 1, "model.mask.span must be >= 1")
     need(m.mask.count >= 1, "model.mask.count must be >= 1")
+    need(0.0 <= m.mix.prob <= 1.0, f"model.mix.prob must be in [0, 1], got {m.mix.prob}")
+    need(0.0 < m.mix.max_share <= 1.0, f"model.mix.max_share must be in (0, 1], got {m.mix.max_share}")
+    need(m.mix.ratio_db >= 0.0, f"model.mix.ratio_db must be >= 0, got {m.mix.ratio_db}")
     need(m.features.norm in ("utterance", "global"), f"model.features.norm must be utterance or global, got {m.features.norm!r}")
     need(m.features.stack >= 1, "model.features.stack must be >= 1")
     need(m.decoder_conv == 0 or (m.decoder_conv > 0 and m.decoder_conv % 2 == 1),

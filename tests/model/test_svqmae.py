@@ -205,3 +205,27 @@ def test_level_reaches_the_encoder_and_only_with_model_features_level():
         if level:
             assert model.level_embed.weight.grad.abs().sum() > 0  # pre-training trains it
     assert gaps[True] > 10 * gaps[False], gaps
+
+
+
+def test_mixing_changes_what_the_encoder_hears_not_the_targets():
+    torch.manual_seed(0)
+    waves, lengths = batch()
+    # the ablation's encoder embeds every token, so what it hears can be compared token by token
+    model = SVQMAE(tiny_cfg("model.mix.prob=1", "model.variant=encoder_only").model).train()
+    seen = {"frontend": 0, "quantizer": [], "embed": []}
+    model.frontend.register_forward_hook(lambda *a: seen.__setitem__("frontend", seen["frontend"] + 1))
+    model.quantizer.register_forward_hook(lambda m, args, out: seen["quantizer"].append(args[0]))
+    model.embed[0].register_forward_hook(lambda m, args, out: seen["embed"].append(args[0]))
+    out = model(waves, lengths, torch.Generator().manual_seed(0))
+    assert seen["frontend"] == 2 and torch.isfinite(out["loss"])  # the clean utterances, then the mixture
+    clean, tok_len = model.frontend(waves, lengths)
+    assert torch.equal(seen["quantizer"][0], clean)  # the targets: codes of the clean utterances
+    valid = ~padding_mask(tok_len, clean.shape[1])
+    heard = seen["embed"][0]
+    assert not torch.allclose(heard[valid], clean[valid], atol=1e-3)  # the encoder: the mixture
+    assert not heard[~valid].any()  # padding stays empty
+    seen["frontend"], seen["embed"] = 0, []
+    with torch.no_grad():
+        model.eval()(waves, lengths, torch.Generator().manual_seed(0))  # validation: no mixing
+    assert seen["frontend"] == 1 and torch.equal(seen["embed"][0], clean * valid[..., None])

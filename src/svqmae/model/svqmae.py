@@ -21,6 +21,7 @@ from ..config import ModelConfig
 from . import io
 from .frontend import FilterbankFrontend
 from .masking import padding_mask, span_mask, visible_index
+from .mixing import mix_utterances
 from .quantizer import Quantizer, code_stats
 from .transformer import Transformer, init_weights
 
@@ -124,8 +125,9 @@ class SVQMAE(nn.Module):
         self, waves: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator
     ) -> dict[str, torch.Tensor]:
         """One pre-training step's forward. waves: (B, S) 16 kHz; lengths: (B,) samples.
-        ``generator`` (CPU) draws the masks (``model.mask.count`` per utterance: the front end and the
-        quantizer run once, the encoder and decoder on every masked copy). Returns the loss and metrics
+        ``generator`` (CPU) draws the mixing (``model.mix``, training only) and the masks
+        (``model.mask.count`` per utterance: the front end and the quantizer run once, the encoder and
+        decoder on every masked copy). Returns the loss and metrics
         (scalars; ``tokens`` and ``visible_tokens`` count the masked copies)."""
         # level: a statistic of the whole utterance, masked tokens included, as the per-utterance
         # normalization of the tokens is: 2F numbers, not the masked tokens' content
@@ -136,17 +138,22 @@ class SVQMAE(nn.Module):
         if self.training:
             self.quantizer.update(tokens, codes, valid)
         stats = code_stats(codes, valid, self.cfg.quantizer.codebook_size)
+        clean = tokens  # the reconstruction target, if any
+        x = self.cfg.mix
+        if self.training and x.prob > 0:  # WavLM's denoising: the encoder hears a mixture, the targets stay clean
+            noisy = mix_utterances(waves, lengths, x.prob, x.max_share, x.ratio_db, generator)  # (B, S)
+            tokens, _, level = self.frontend(noisy, lengths, with_level=True)
         m = self.cfg.mask
         if m.count > 1:  # the same utterances under m.count masks (data2vec 2.0's multi-mask): B -> count * B
             tokens, codes, tok_len = tokens.repeat(m.count, 1, 1), codes.repeat(m.count, 1, 1), tok_len.repeat(m.count)
-            level = level.repeat(m.count, 1)
+            clean, level = clean.repeat(m.count, 1, 1), level.repeat(m.count, 1)
         mask = span_mask(tok_len.cpu(), T, m.ratio, m.span, generator).to(tokens.device)  # (B, T)
         if self.cfg.variant == "svqmae":
             latent, idx, n_vis = self.forward_encoder(tokens, mask, tok_len, level)  # (B, V, D)
             h = self.forward_decoder(latent, idx, n_vis, mask, tok_len)  # (M, E)
         else:
             h = self.forward_encoder_only(tokens, mask, tok_len, level)  # (M, D)
-        out = self.forward_loss(h, codes, tokens, mask)
+        out = self.forward_loss(h, codes, clean, mask)
         out.update(stats)
         valid = ~padding_mask(tok_len, T)
         out["visible_tokens"] = (valid & ~mask).sum().float()
