@@ -139,9 +139,9 @@ class SVQMAE(nn.Module):
             self.quantizer.update(tokens, codes, valid)
         stats = code_stats(codes, valid, self.cfg.quantizer.codebook_size)
         clean = tokens  # the reconstruction target, if any
-        x = self.cfg.mix
-        if self.training and x.prob > 0:  # WavLM's denoising: the encoder hears a mixture, the targets stay clean
-            noisy = mix_utterances(waves, lengths, x.prob, x.max_share, x.ratio_db, generator)  # (B, S)
+        mix = self.cfg.mix
+        if self.training and mix.prob > 0:  # WavLM's denoising: the encoder hears a mixture, the targets stay clean
+            noisy = mix_utterances(waves, lengths, mix.prob, mix.max_share, mix.ratio_db, generator)  # (B, S)
             tokens, _, level = self.frontend(noisy, lengths, with_level=True)
         m = self.cfg.mask
         if m.count > 1:  # the same utterances under m.count masks (data2vec 2.0's multi-mask): B -> count * B
