@@ -43,23 +43,22 @@ def mix_utterances(
     if prob <= 0 or B < 2:
         return waves
     dev = waves.device
-    lengths = lengths.cpu().long()
-    draws = torch.rand(B, 5, generator=generator)  # chosen, partner, overlap, start in b, start in p
+    draws = torch.rand(B, 5, generator=generator).to(dev)  # chosen, partner, overlap, start in b, start in p
+    ratio = ((torch.rand(B, generator=generator) * 2 - 1) * ratio_db).to(dev)  # (B,) dB
+    lengths = lengths.to(dev).long()  # every index below is computed where the waves are: no host sync
     chosen = draws[:, 0] < prob
-    partner = (torch.arange(B) + 1 + (draws[:, 1] * (B - 1)).long().clamp(max=B - 2)) % B  # never b itself
-    overlap = (draws[:, 2] * max_share * lengths).long().clamp(max=lengths[partner])
-    overlap = overlap * chosen
+    partner = (torch.arange(B, device=dev) + 1 + (draws[:, 1] * (B - 1)).long().clamp(max=B - 2)) % B  # never b
+    overlap = (draws[:, 2] * max_share * lengths).long().clamp(max=lengths[partner]) * chosen  # (B,) samples
     start_b = (draws[:, 3] * (lengths - overlap + 1)).long().clamp(max=lengths - overlap)
     start_p = (draws[:, 4] * (lengths[partner] - overlap + 1)).long().clamp(max=lengths[partner] - overlap)
-    ratio = (torch.rand(B, generator=generator) * 2 - 1) * ratio_db  # dB
 
-    j = torch.arange(S)[None, :]  # (1, S)
+    x = waves.float()
+    j = torch.arange(S, device=dev)[None, :]  # (1, S)
     inside = (j >= start_b[:, None]) & (j < (start_b + overlap)[:, None])  # (B, S)
     src = (start_p[:, None] + j - start_b[:, None]).clamp(0, S - 1)  # (B, S) sample of the partner
-    added = torch.gather(waves[partner.to(dev)], 1, src.to(dev)) * inside.to(dev)  # (B, S)
-    x = waves.float()
-    e_b = (x**2).sum(1) / lengths.to(dev).clamp_min(1)  # (B,) energy per sample of the primary
-    e_a = (added.float() ** 2).sum(1) / overlap.to(dev).clamp_min(1)  # (B,) of the added segment
-    gain = torch.sqrt(e_b / (e_a.clamp_min(1e-10) * 10 ** (ratio.to(dev) / 10)))  # (B,)
+    added = torch.gather(x[partner], 1, src) * inside  # (B, S)
+    e_b = (x**2).sum(1) / lengths.clamp_min(1)  # (B,) energy per sample of the primary
+    e_a = (added**2).sum(1) / overlap.clamp_min(1)  # (B,) of the added segment
+    gain = torch.sqrt(e_b / (e_a.clamp_min(1e-10) * 10 ** (ratio / 10)))  # (B,)
     gain = torch.where(e_a > 1e-10, gain, torch.zeros_like(gain))  # a silent segment adds nothing
-    return (x + gain[:, None] * added.float()).to(waves.dtype)
+    return (x + gain[:, None] * added).to(waves.dtype)
