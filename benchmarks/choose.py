@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ablation import parse_arm  # noqa: E402
+
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def variant(overrides: str) -> str:
+def variant(overrides: list[str]) -> str:
     return "encoder_only" if "model.variant=encoder_only" in overrides else "svqmae"
 
 
@@ -37,11 +42,11 @@ def load_runs(folders: list[str], probe_seeds: int | None) -> dict[str, dict]:
         if probe_seeds and got != probe_seeds:
             raise SystemExit(f"{f}: fitted with {got} probe seed(s), {probe_seeds} required")
         for spec in d["args"]["arm"]:
-            name, _, ov = spec.partition("=")
+            name, ov = parse_arm(spec)
             if name in rows:
                 raise SystemExit(f"{f}: arm {name} also in {rows[name]['run']}")
             tasks = {k.split("/", 1)[1]: v for k, v in d["accuracy"].items() if k.split("/", 1)[0] == name}
-            rows[name] = {"variant": variant(ov), "overrides": ov, "run": folder, "dev": d["selection"][name],
+            rows[name] = {"variant": variant(ov), "overrides": ",".join(ov), "run": folder, "dev": d["selection"][name],
                           "steps": d["steps"].get(name), "tasks": tasks}
     return rows
 
