@@ -137,11 +137,21 @@ def test_level_state_is_the_utterance_level_and_nothing_else():
         assert (shift[:, 80:].abs() < 0.05).float().mean() > 0.9, shift[:, 80:]
 
 
-def test_reconstruction_loss_is_optional():
+def test_reconstruction_loss_is_optional_and_the_decoders_job():
     model = SVQMAE(tiny_cfg("model.recon_weight=0.5").model)
     out = model(*batch(), torch.Generator().manual_seed(0))
     assert "recon" in out and torch.allclose(out["loss"], out["ce"] + 0.5 * out["recon"])
-    assert "recon" not in SVQMAE(tiny_cfg().model)(*batch(), torch.Generator().manual_seed(0))
+    assert "recon" not in SVQMAE(tiny_cfg("model.recon_weight=0").model)(*batch(), torch.Generator().manual_seed(0))
+    # SVQ-MAE reconstructs from the decoder's output (width E), the ablation from the encoder's (D)
+    assert model.recon_head.in_features == model.cfg.decoder.dim != model.cfg.encoder.dim
+    ablation = SVQMAE(tiny_cfg("model.recon_weight=0.5", "model.variant=encoder_only").model)
+    assert ablation.recon_head.in_features == ablation.cfg.encoder.dim
+    # the reconstruction term alone trains the decoder too (its gradient goes through it), and nothing of it
+    # is left once the decoder is dropped
+    out["recon"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.blocks[0].parameters())
+    model.drop_decoder()
+    assert not hasattr(model, "recon_head") and not hasattr(model, "decoder")
 
 
 def test_loss_falls_on_a_tiny_run():
