@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from svqmae.config import ConfigError
 from svqmae.data import DataError
 from svqmae.tasks.evaluate import bootstrap_ci, evaluate
 from svqmae.tasks.evaluate.features import FeatureStore
-from svqmae.tasks.evaluate.items import load_items, make_folds, split_dev
+from svqmae.tasks.evaluate.items import Item, load_items, make_folds, split_dev
 from svqmae.tasks.evaluate.upstreams import get_upstream
 from tests.conftest import write_labelled_set, write_spelled_set, write_wav
 from tests.tasks.test_upstreams import tiny_wav2vec2
@@ -128,6 +130,20 @@ def test_dev_split_is_speaker_disjoint(pitch):
     train, dev, how = split_dev(items, 0.25, seed=0)
     assert how == "speaker" and len(train) + len(dev) == len(items)
     assert not {i.speaker for i in train} & {i.speaker for i in dev}
+
+
+def test_dev_split_of_items_without_speakers_does_not_depend_on_where_the_data_lies():
+    def items(root, stamp):  # the same 40 segments below another folder, with other cache keys (file times)
+        return [Item(cut=SimpleNamespace(start=0.5 * (i % 2), duration=1.0), path=f"{root}/audio/{i // 2}.wav",
+                     label="silence", text=None, speaker=None, key=f"{stamp}{i}") for i in range(40)]
+
+    def held(root, stamp, seed=0):
+        _, dev, how = split_dev(items(root, stamp), 0.25, seed=seed)
+        assert how == "random" and len(dev) == 10
+        return sorted((Path(it.path).name, it.cut.start) for it in dev)
+
+    assert held("/data/a", "x") == held("/elsewhere/copy/b", "y")
+    assert held("/data/a", "x") != held("/data/a", "x", seed=1)
 
 
 def test_asr_reports_cer_and_wer(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,7 +150,11 @@ def split_dev(items: list[Item], fraction: float, seed: int) -> tuple[list[Item]
             total += count[s]
     dev_ids = {id(it) for it in with_spk if it.speaker in held}
     random_pool = [it for it in items if not it.speaker or how == "random"]
-    random_pool.sort(key=lambda it: _rank(seed, it.key + it.path))
+    # ranked by where each segment sits below the items' common folder, not by its absolute path or file
+    # times: the same data copied elsewhere (or made again) gets the same dev split
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(it.path)) for it in random_pool]) if random_pool else ""
+    random_pool.sort(key=lambda it: _rank(seed, f"{os.path.relpath(os.path.abspath(it.path), root)}|"
+                                               f"{getattr(it.cut, 'start', 0.0):.4f}"))
     dev_ids |= {id(it) for it in random_pool[: int(round(fraction * len(random_pool)))]}
     train = [it for it in items if id(it) not in dev_ids]
     dev = [it for it in items if id(it) in dev_ids]
