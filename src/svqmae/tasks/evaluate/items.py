@@ -154,7 +154,7 @@ def split_dev(items: list[Item], fraction: float, seed: int) -> tuple[list[Item]
     # times: the same data copied elsewhere (or made again) gets the same dev split
     root = os.path.commonpath([os.path.dirname(os.path.abspath(it.path)) for it in random_pool]) if random_pool else ""
     random_pool.sort(key=lambda it: _rank(seed, f"{os.path.relpath(os.path.abspath(it.path), root)}|"
-                                               f"{getattr(it.cut, 'start', 0.0):.4f}"))
+                                               f"{it.cut.start:.4f}"))
     dev_ids |= {id(it) for it in random_pool[: int(round(fraction * len(random_pool)))]}
     train = [it for it in items if id(it) not in dev_ids]
     dev = [it for it in items if id(it) in dev_ids]
