@@ -50,6 +50,17 @@ from svqmae.tasks.evaluate import evaluate  # noqa: E402
 TASKS = ("ks", "digits", "er")
 
 
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def difference(a: list[float], b: list[float]) -> dict:
+    """a minus b, paired by pre-training seed: the mean, each seed's difference, and a 95% t-interval over
+    the seeds (wide with 3 seeds: it counts only the spread between seeds)."""
+    d = np.asarray(a) - np.asarray(b)
+    h = T975.get(len(d) - 1, 1.96) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return {"mean": float(d.mean()), "per_seed": d.tolist(), "ci95": [float(d.mean() - h), float(d.mean() + h)]}
+
+
 def parse_arm(spec: str) -> tuple[str, list[str]]:
     """``NAME=key=value,key=value`` (or ``NAME=``) -> (NAME, overrides)."""
     name, _, rest = spec.partition("=")
@@ -234,8 +245,9 @@ def main() -> None:
     for name, _ in arms[1:]:
         diffs = []
         for t in tasks:
-            d = [a - b for a, b in zip(summary[(ref, t)], summary[(name, t)])]
-            diffs.append(f"{t} {np.mean(d):+.1f} (per seed {', '.join(f'{x:+.1f}' for x in d)})")
+            d = difference(summary[(ref, t)], summary[(name, t)])
+            diffs.append(f"{t} {d['mean']:+.1f} (per seed {', '.join(f'{x:+.1f}' for x in d['per_seed'])}; "
+                         f"95% t-interval over seeds [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}])")
         lines.append(f"\n{ref} minus {name}: " + "; ".join(diffs))
     cis = {f"{n}/{s}/{t}": r["ci95"] for (n, s, t), r in results.items()}
     dev = {f"{n}/{s}/{t}": round(100 * dev_accuracy(r), 2) for (n, s, t), r in results.items()}

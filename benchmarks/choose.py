@@ -21,9 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ablation import parse_arm  # noqa: E402
-
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+from ablation import difference, parse_arm  # noqa: E402
 
 
 def variant(overrides: list[str]) -> str:
@@ -49,12 +47,6 @@ def load_runs(folders: list[str], probe_seeds: int | None) -> dict[str, dict]:
             rows[name] = {"variant": variant(ov), "overrides": ",".join(ov), "run": folder, "dev": d["selection"][name],
                           "steps": d["steps"].get(name), "tasks": tasks}
     return rows
-
-
-def difference(a: list[float], b: list[float]) -> dict:
-    d = np.asarray(a) - np.asarray(b)
-    h = T975.get(len(d) - 1, 1.96) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return {"mean": float(d.mean()), "per_seed": d.tolist(), "ci95": [float(d.mean() - h), float(d.mean() + h)]}
 
 
 def main() -> None:
