@@ -152,9 +152,9 @@ def split_dev(items: list[Item], fraction: float, seed: int) -> tuple[list[Item]
     random_pool = [it for it in items if not it.speaker or how == "random"]
     # ranked by where each segment sits below the items' common folder, not by its absolute path or file
     # times: the same data copied elsewhere (or made again) gets the same dev split
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(it.path)) for it in random_pool]) if random_pool else ""
-    random_pool.sort(key=lambda it: _rank(seed, f"{os.path.relpath(os.path.abspath(it.path), root)}|"
-                                               f"{it.cut.start:.4f}"))
+    where = {id(it): os.path.abspath(it.path) for it in random_pool}
+    root = os.path.commonpath([os.path.dirname(w) for w in where.values()]) if where else ""
+    random_pool.sort(key=lambda it: _rank(seed, f"{os.path.relpath(where[id(it)], root)}|{it.cut.start:.4f}"))
     dev_ids |= {id(it) for it in random_pool[: int(round(fraction * len(random_pool)))]}
     train = [it for it in items if id(it) not in dev_ids]
     dev = [it for it in items if id(it) in dev_ids]
