@@ -1,9 +1,11 @@
 """svqmae against s3prl's upstream contract (s3prl itself is not installed: it needs torchaudio)."""
 
 import argparse
+import math
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from svqmae.model import CheckpointError, save_model
 from svqmae.tasks.s3prl import UpstreamExpert, add_cli, install, svqmae_local
@@ -31,19 +33,86 @@ def test_forward_contract(model_dir):
         out = up(_wavs())
     hs = out["hidden_states"]
     assert isinstance(hs, list) and len(hs) == 4  # level, input embedding, 2 layers, for s3prl's weighted sum
-    T = (max(LENGTHS) + 80) // 640
+    T = math.ceil(max(LENGTHS) / 640)  # the frames s3prl counts for the longest utterance
     assert all(h.shape == (3, T, 64) for h in hs)
     assert out["last_hidden_state"] is hs[-1]
-    # s3prl's Featurizer asserts |T - round(max_len / rate)| < 5, then keeps round(len / rate) frames per row
-    assert abs(T - round(max(LENGTHS) / rate)) <= 1
-    # each row holds its own utterance's states; padding is zero
+    # each row holds its own utterance's states: extract()'s tokens, then the last token repeated up to
+    # s3prl's ceil(len / 640) frames, then zeros
     model = up.model
     for i, w in enumerate(_wavs()):
-        n = (len(w) + 80) // 640
-        assert (hs[-1][i, n:] == 0).all() and hs[-1][i, :n].abs().sum() > 0
+        with torch.no_grad():
+            alone, tok = model.extract(w[None], torch.tensor([len(w)]))
+        n, t = math.ceil(len(w) / 640), int(tok[0])
+        assert t == (len(w) + 80) // 640 and n - t in (0, 1)  # 11,111 and 23,456 samples: one frame more
+        for h, a in zip(hs, alone):
+            assert torch.allclose(h[i, :t], a[0, :t], atol=1e-5)
+            assert torch.equal(h[i, t:n], h[i, t - 1 : t].expand(n - t, -1))
+            assert (h[i, n:] == 0).all()
+    assert sum(math.ceil(n / 640) > (n + 80) // 640 for n in LENGTHS) >= 2  # the repeat is exercised
+
+
+# --------------------------------------------------------------------------- s3prl's length rules (0.4.18)
+# s3prl is not installed here (it needs torchaudio); these follow its source line by line.
+
+
+def _s3prl_upstream(up, wavs):
+    """``s3prl.nn.upstream.S3PRLUpstream.forward``: (hidden states, valid frames per row) per layer."""
+    wavs_len = torch.tensor([len(w) for w in wavs])
+    padded = pad_sequence(wavs, batch_first=True)
+    original_wavs_len = wavs_len
+    if max(original_wavs_len) < 0.05 * 16000:  # MIN_SECOND * SAMPLE_RATE: zero-pad very short batches
+        padded_samples = int(0.05 * 16000) - max(original_wavs_len)
+        padded = torch.cat((padded, padded.new_zeros(padded.size(0), padded_samples)), dim=1)
+        wavs_len = wavs_len + padded_samples
+    hidden_states = up([w[:n] for w, n in zip(padded, wavs_len)])["hidden_states"]
+    stride, max_wav_len, out = up.get_downsample_rates("hidden_states"), int(max(wavs_len)), []
+    for h in hidden_states:
+        expected = len(range(0, max_wav_len, stride))
+        if h.size(1) > expected:  # _match_length
+            assert h.size(1) // expected == 1
+            h = h[:, :expected]
+        elif h.size(1) < expected:
+            assert expected // h.size(1) == 1
+            h = torch.cat((h, h[:, -1:].repeat(1, expected - h.size(1), 1)), dim=1)
+        h_len = torch.div(original_wavs_len - 1, stride, rounding_mode="floor") + 1
+        out.append((h[:, : max(h_len)], h_len))
+    return out
+
+
+def _s3prl_runner_features(up, wavs):
+    """``s3prl.upstream.interfaces.Featurizer.tolist`` on every layer (the runner's ``run_downstream.py``
+    path): the rows it hands the downstream, ``f[:round(len / rate)]``."""
+    rate = up.get_downsample_rates("hidden_states")
+    out = []
+    for h in up(wavs)["hidden_states"]:
+        feature_len = [round(len(w) / rate) for w in wavs]
+        assert abs(h.size(1) - round(max(len(w) for w in wavs) / rate)) < 5  # TOLERABLE_SEQLEN_DIFF
+        out.append([f[:n] for f, n in zip(h, feature_len)])
+    return out
+
+
+def test_rows_are_the_same_alone_and_in_a_batch_under_s3prls_length_rules(model_dir):
+    """41,280 samples = 64.5 hops: s3prl counts 65 frames where svqmae's frame rule gives 64 tokens; in a
+    batch beside a longer utterance the 65th row must not be padding (it was: up to 11 apart)."""
+    up = UpstreamExpert(str(model_dir))
+    lengths = (41280, 54880, 11111)
+    wavs = [torch.from_numpy(harmonic_tone(n / 16000, f0=110 + 50 * i, seed=7 + i)) for i, n in enumerate(lengths)]
     with torch.no_grad():
-        alone = model.extract(_wavs()[2][None], torch.tensor([LENGTHS[2]]))[0]
-    assert torch.allclose(hs[-1][2], alone[-1][0], atol=1e-5)  # the longest row is unpadded
+        batched = _s3prl_upstream(up, wavs)
+        runner_batched = _s3prl_runner_features(up, wavs)
+        for i, w in enumerate(wavs):
+            alone = _s3prl_upstream(up, [w])
+            runner_alone = _s3prl_runner_features(up, [w])
+            for (hb, lb), (ha, la), rb, ra in zip(batched, alone, runner_batched, runner_alone):
+                n = int(la[0])
+                assert n == int(lb[i]) == math.ceil(len(w) / 640) == ha.shape[1]
+                assert torch.allclose(hb[i, :n], ha[0, :n], atol=1e-5), f"{len(w)} samples: S3PRLUpstream rows"
+                assert rb[i].shape == ra[0].shape == (round(len(w) / 640), 64)
+                assert torch.allclose(rb[i], ra[0], atol=1e-5), f"{len(w)} samples: the runner's rows"
+            # what the Featurizer's weighted sum then pools: the mean over the valid frames is the same too
+            w_sum = torch.stack([h for h, _ in batched]).mean(0)[i, : math.ceil(len(w) / 640)].mean(0)
+            w_alone = torch.stack([h for h, _ in alone]).mean(0)[0].mean(0)
+            assert torch.allclose(w_sum, w_alone, atol=1e-5)
 
 
 def test_grad_and_modes(model_dir):

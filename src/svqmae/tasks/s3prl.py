@@ -7,7 +7,10 @@ s3prl's contract (``s3prl/upstream/<name>/expert.py`` and ``hubconf.py``):
   ``refresh``;
 - ``forward(wavs)``: a list of 1-D 16 kHz float tensors (different lengths) ->
   ``{"hidden_states": [(B, T, D), ...]}``, all the same shape, so that s3prl's Featurizer can learn a
-  weighted sum of layers; s3prl trims each utterance to ``round(len(wav) / downsample_rate)`` frames;
+  weighted sum of layers. s3prl takes ``ceil(len(wav) / downsample_rate)`` frames of each row as valid
+  (``S3PRLUpstream``; the runner's Featurizer takes ``round(len(wav) / downsample_rate)``) and pads the
+  batch to the longest utterance's count by repeating the last frame: the upstream returns exactly
+  that many frames per utterance, so that a row does not depend on the batch it came in;
 - ``get_downsample_rates(key) -> int``: input samples per output frame (640 for 25 Hz tokens);
 - every public callable of ``hubconf.py`` is an upstream name for ``run_downstream.py -u NAME``.
 
@@ -54,18 +57,32 @@ class UpstreamExpert(nn.Module):
 
     def forward(self, wavs: list[torch.Tensor]) -> dict[str, list[torch.Tensor] | torch.Tensor]:
         """wavs: list of 1-D 16 kHz float tensors -> hidden states [level, input embedding, layer 1..L] (as
-        ``model.extract``; no level in models without ``model.features.level_state``), each
-        (B, T, D) with T = the longest utterance's token count (shorter ones are zero-padded)."""
+        ``model.extract``; no level in models without ``model.features.level_state``), each (B, T, D).
+
+        Utterance i has ``frames(len_i) = ceil(len_i / 640)`` rows, the count s3prl takes as valid: the
+        model's own tokens (``model.extract``'s, whose count drops a last partial token), then, where
+        s3prl counts one frame more, the last token repeated, as s3prl itself pads; zero after that.
+        T = the longest utterance's frame count. So every utterance's rows are the same alone and in
+        any batch, under ``S3PRLUpstream`` and under the runner's Featurizer alike."""
         if not wavs:
             raise ValueError("svqmae upstream: empty batch")
         device = next(self.model.parameters()).device
         lengths = torch.tensor([w.shape[-1] for w in wavs], device=device)
         waves = pad_sequence([w.reshape(-1).float() for w in wavs], batch_first=True).to(device)
         hidden, tok_len = self.model.extract(waves, lengths)
-        # zero the padding so that pooling downstreams (e.g. mean over frames) see no stray values
-        keep = (torch.arange(hidden[0].shape[1], device=device)[None, :] < tok_len[:, None])[..., None]
-        hidden = [h * keep for h in hidden]
+        n = s3prl_frames(lengths, self.model.downsample_rate)  # (B,) frames s3prl counts valid
+        n = torch.where(tok_len > 0, n, 0)  # an utterance too short for one token has no frame to repeat
+        t = torch.arange(int(n.max()), device=device)[None, :]  # (1, T)
+        src = torch.minimum(t, (tok_len - 1).clamp(min=0)[:, None])  # (B, T): past the last token, repeat it
+        keep = (t < n[:, None])[..., None]  # (B, T, 1): zero past each utterance's frames
+        hidden = [torch.gather(h, 1, src[..., None].expand(-1, -1, h.shape[-1])) * keep for h in hidden]
         return {"hidden_states": hidden, "last_hidden_state": hidden[-1]}
+
+
+def s3prl_frames(num_samples: torch.Tensor, rate: int) -> torch.Tensor:
+    """Frames s3prl counts valid for utterances of ``num_samples``: ``len(range(0, n, rate))`` =
+    ceil(n / rate) (``S3PRLUpstream``; the runner's Featurizer keeps round(n / rate), never more)."""
+    return torch.div(num_samples - 1, rate, rounding_mode="floor").clamp(min=-1) + 1
 
 
 def svqmae_local(ckpt: str, *args, **kwargs) -> UpstreamExpert:
