@@ -2,13 +2,18 @@
 
 import argparse
 import math
+import pickle
+import sys
+import types
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from svqmae.model import CheckpointError, save_model
-from svqmae.tasks.s3prl import UpstreamExpert, add_cli, install, svqmae_local
+from svqmae.tasks.s3prl import UpstreamExpert, add_cli, install, patch_s3prl, svqmae_local
 from tests.conftest import harmonic_tone, tiny_model
 
 LENGTHS = (16000, 11111, 23456)  # samples, deliberately not multiples of the 640-sample hop
@@ -167,7 +172,9 @@ def test_install_into_an_s3prl_checkout(tmp_path, capsys):
     install(pkg)  # idempotent, from the package folder too
     hub = (pkg / "hub.py").read_text().splitlines()
     assert hub.count("from s3prl.upstream.svqmae.hubconf import *") == 1
-    assert hub.index("from s3prl.upstream.svqmae.hubconf import *") == 2  # after the other upstreams
+    assert hub.index("from s3prl.upstream.svqmae.hubconf import *") == 3  # after the other upstreams
+    assert sum("_svqmae_patch_s3prl()" in line for line in hub) == 1
+    assert hub[0].startswith("from svqmae.s3prl import patch_s3prl")  # before any upstream imports torchaudio
     up_dir = pkg / "upstream" / "svqmae"
     assert {p.name for p in up_dir.iterdir()} == {"__init__.py", "expert.py", "hubconf.py"}
     # the files s3prl imports expose the entry and the expert (public callables = upstream names)
@@ -180,3 +187,62 @@ def test_install_into_an_s3prl_checkout(tmp_path, capsys):
     assert expert["UpstreamExpert"] is UpstreamExpert
     with pytest.raises(FileNotFoundError, match="not an s3prl checkout"):  # svqmae prints it as one line, exit 2
         _cli("s3prl-install", str(tmp_path))
+
+
+def test_install_defaults_to_the_installed_s3prl(tmp_path, monkeypatch, capsys):
+    pkg = _fake_s3prl(tmp_path / "site-packages")
+    (pkg / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site-packages"))
+    _cli("s3prl-install")
+    assert (pkg / "upstream" / "svqmae" / "hubconf.py").is_file()
+    assert "svqmae_local" in capsys.readouterr().out
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # a Python without s3prl
+    with pytest.raises(FileNotFoundError, match="s3prl is not installed"):
+        install()
+
+
+# --------------------------------------------------------------------------- s3prl 0.4.18 on current torchaudio
+
+
+@pytest.fixture
+def bare_torchaudio(monkeypatch):
+    """A torchaudio >= 2.9 as s3prl meets it: no set_audio_backend, no sox_effects (and no torchcodec)."""
+    fake = types.ModuleType("torchaudio")
+    fake.__path__ = []  # a package without the sox_effects submodule
+    monkeypatch.setitem(sys.modules, "torchaudio", fake)
+    monkeypatch.delitem(sys.modules, "torchaudio.sox_effects", raising=False)
+    saved = torch.serialization.get_safe_globals()
+    yield fake
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(saved)
+
+
+def test_patch_s3prl_fills_what_torchaudio_removed(bare_torchaudio, tmp_path):
+    ckpt = tmp_path / "states-20.ckpt"
+    torch.save({"Args": argparse.Namespace(mode="train", device="cpu"), "Step": 20}, ckpt)  # as s3prl's runner
+    if argparse.Namespace not in torch.serialization.get_safe_globals():
+        with pytest.raises(pickle.UnpicklingError, match="Namespace"):
+            torch.load(ckpt, map_location="cpu")
+    patch_s3prl()
+    patch_s3prl()  # idempotent
+    assert torch.load(ckpt, map_location="cpu")["Args"].device == "cpu"
+    bare_torchaudio.set_audio_backend("sox_io")  # byol_s and run_downstream.py call it at import
+    from torchaudio.sox_effects import apply_effects_file  # as s3prl's speech_commands dataset imports it
+
+    # an 8 kHz stereo file through Speech Commands' effects: mono, 16 kHz, -3 dB
+    t = np.arange(8000) / 8000
+    left, right = 0.4 * np.sin(2 * np.pi * 200 * t), 0.2 * np.sin(2 * np.pi * 200 * t)
+    sf.write(tmp_path / "a.wav", np.stack([left, right], 1), 8000)
+    wav, sr = apply_effects_file(str(tmp_path / "a.wav"), [["channels", "1"], ["rate", "16000"], ["gain", "-3.0"]])
+    assert sr == 16000 and wav.shape == (1, 16000) and wav.dtype == torch.float32
+    mid = wav[0, 2000:-2000]  # away from the resampler's edges
+    assert abs(float(mid.abs().max()) - 0.3 * 10 ** (-3 / 20)) < 0.01  # the channels' mean, 3 dB down
+    wav, sr = apply_effects_file(str(tmp_path / "a.wav"), [["channels", "1"], ["norm"]])
+    assert sr == 8000 and abs(float(wav.abs().max()) - 1.0) < 1e-6
+    with pytest.raises(NotImplementedError, match="sox effect.*silence"):
+        apply_effects_file(str(tmp_path / "a.wav"), [["silence", "1", "0.1", "0.1%"]])
+    # torchaudio.load without torchcodec: soundfile, channels first
+    x, sr = bare_torchaudio.load(tmp_path / "a.wav")
+    assert sr == 8000 and x.shape == (2, 8000) and torch.allclose(x[1], 0.5 * x[0], atol=1e-4)
+    with pytest.raises(RuntimeError, match="nope.wav: unreadable audio"):
+        bare_torchaudio.load(str(tmp_path / "nope.wav"))

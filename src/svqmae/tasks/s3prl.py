@@ -90,6 +90,92 @@ def svqmae_local(ckpt: str, *args, **kwargs) -> UpstreamExpert:
     return UpstreamExpert(ckpt, *args, **kwargs)
 
 
+# --------------------------------------------------------------------------- s3prl 0.4.18 on current torch
+
+SOX_EFFECTS = ("channels", "rate", "gain", "norm")  # what s3prl's SUPERB datasets ask of sox_effects
+
+
+def patch_s3prl() -> None:
+    """Let s3prl 0.4.18 (the current release) run on the torch and torchaudio it installs today.
+
+    ``svqmae s3prl-install`` makes this the first thing ``s3prl/hub.py`` runs, so it precedes every
+    s3prl import of torchaudio's removed parts. Idempotent. It changes only what is missing:
+
+    - ``torchaudio.set_audio_backend`` (gone since torchaudio 2.9; s3prl calls it at import): a no-op;
+    - ``torchaudio.sox_effects`` (gone since 2.9; Speech Commands, VoxCeleb, MOS and QUESST read
+      their audio through ``apply_effects_file``): the effects those recipes use (``channels 1``,
+      ``rate``, ``gain``, ``norm``) on soundfile and soxr, no libsox needed; others are a clear error;
+    - ``torchaudio.load`` when ``torchcodec`` (its decoder since 2.9) is not installed: soundfile;
+    - ``torch.load`` of s3prl's own checkpoints (they hold an ``argparse.Namespace``, refused by
+      the weights-only loading that torch >= 2.6 does by default): ``Namespace`` is allowed.
+    """
+    import argparse
+    import importlib.util
+    import sys
+    import types
+
+    import torchaudio
+
+    if not hasattr(torchaudio, "set_audio_backend"):
+        torchaudio.set_audio_backend = lambda backend=None: None
+    if "torchaudio.sox_effects" not in sys.modules and importlib.util.find_spec("torchaudio.sox_effects") is None:
+        mod = types.ModuleType("torchaudio.sox_effects")
+        mod.__doc__ = "svqmae's stand-in for torchaudio.sox_effects (removed in torchaudio 2.9)"
+        mod.apply_effects_file = apply_effects_file
+        mod.apply_effects_tensor = apply_effects_tensor
+        sys.modules["torchaudio.sox_effects"] = mod
+        torchaudio.sox_effects = mod
+    if importlib.util.find_spec("torchcodec") is None:
+        torchaudio.load = load_audio
+    torch.serialization.add_safe_globals([argparse.Namespace])
+
+
+def load_audio(uri, frame_offset: int = 0, num_frames: int = -1, normalize: bool = True,
+               channels_first: bool = True, **_) -> tuple[torch.Tensor, int]:
+    """``torchaudio.load`` on soundfile: (channels, frames) float32 in [-1, 1] and the sample rate."""
+    import soundfile as sf
+
+    try:
+        x, sr = sf.read(str(uri) if isinstance(uri, Path) else uri, start=frame_offset,
+                        frames=num_frames, dtype="float32" if normalize else "int16", always_2d=True)
+    except Exception as e:
+        raise RuntimeError(f"{uri}: unreadable audio ({e})") from None
+    x = torch.from_numpy(x)
+    return (x.T.contiguous() if channels_first else x), sr
+
+
+def apply_effects_tensor(wav: torch.Tensor, sample_rate: int, effects, channels_first: bool = True):
+    """``torchaudio.sox_effects.apply_effects_tensor`` for ``channels 1``, ``rate R``, ``gain dB``, ``norm``."""
+    from ..data.audio import resample
+
+    x = wav if channels_first else wav.T  # (C, S)
+    for effect in effects:
+        name, *opts = [str(o) for o in effect]
+        if name == "channels" and opts == ["1"]:
+            x = x.mean(0, keepdim=True)
+        elif name == "rate" and len(opts) == 1:
+            sr = int(float(opts[0]))
+            if sr != sample_rate:
+                x = torch.stack([torch.from_numpy(resample(c.numpy(), sample_rate, sr)) for c in x.float()])
+                sample_rate = sr
+        elif name == "gain" and len(opts) == 1:
+            x = x * 10 ** (float(opts[0]) / 20)
+        elif name == "norm" and not opts:  # peak to 0 dBFS
+            x = x / x.abs().max().clamp_min(1e-12)
+        else:
+            raise NotImplementedError(
+                f"sox effect {effect}: torchaudio.sox_effects is gone from torchaudio >= 2.9 and svqmae's "
+                f"stand-in has only {', '.join(SOX_EFFECTS)} (channels 1); install torchaudio < 2.9 with libsox for more"
+            )
+    return (x if channels_first else x.T), sample_rate
+
+
+def apply_effects_file(path, effects, normalize: bool = True, channels_first: bool = True, format=None):
+    """``torchaudio.sox_effects.apply_effects_file``: read ``path`` (soundfile), then the effects."""
+    wav, sr = load_audio(path)
+    return apply_effects_tensor(wav, sr, effects, channels_first)
+
+
 # --------------------------------------------------------------------------- installing into s3prl
 
 _EXPERT = '''"""svqmae upstream: the implementation lives in the svqmae package (pip install svqmae)."""
@@ -101,13 +187,25 @@ from svqmae.s3prl import svqmae_local  # noqa: F401
 '''
 
 _HUB_LINE = "from s3prl.upstream.svqmae.hubconf import *"
+_PATCH_LINE = ("from svqmae.s3prl import patch_s3prl as _svqmae_patch_s3prl; _svqmae_patch_s3prl()"
+               "  # svqmae: s3prl 0.4.18 on current torch/torchaudio")
 
 
-def install(s3prl_dir: str | Path) -> Path:
-    """Write the upstream files into an s3prl checkout and register them in ``s3prl/hub.py``.
+def install(s3prl_dir: str | Path | None = None) -> Path:
+    """Write the upstream files into s3prl and register them in ``s3prl/hub.py`` (with
+    :func:`patch_s3prl` as its first line).
 
-    ``s3prl_dir`` is the repository root (holding ``s3prl/hub.py``) or its ``s3prl/`` package folder.
-    Idempotent; returns the upstream folder."""
+    ``s3prl_dir`` is a checkout's root (holding ``s3prl/hub.py``) or an ``s3prl/`` package folder;
+    default: the s3prl package this Python imports (``pip install s3prl``). Idempotent; returns the
+    upstream folder."""
+    if s3prl_dir is None:
+        import importlib.util
+
+        spec = importlib.util.find_spec("s3prl")
+        if spec is None or not spec.origin:
+            raise FileNotFoundError("s3prl is not installed in this Python (pip install s3prl==0.4.18), "
+                                    "and no S3PRL_DIR was given")
+        s3prl_dir = Path(spec.origin).parent
     root = Path(s3prl_dir)
     pkg = root / "s3prl" if (root / "s3prl" / "hub.py").is_file() else root
     hub = pkg / "hub.py"
@@ -119,6 +217,9 @@ def install(s3prl_dir: str | Path) -> Path:
     (up / "expert.py").write_text(_EXPERT)
     (up / "hubconf.py").write_text(_HUBCONF)
     text = hub.read_text()
+    if _PATCH_LINE not in text.splitlines():  # first, before any upstream imports torchaudio's removed parts
+        text = _PATCH_LINE + "\n" + text
+        hub.write_text(text)
     if _HUB_LINE not in text.splitlines():
         # after the last upstream import, so that s3prl's options() lists it with the others
         lines = text.splitlines(keepends=True)
@@ -132,11 +233,13 @@ def install(s3prl_dir: str | Path) -> Path:
 
 def cmd_install(args) -> None:
     up = install(args.s3prl_dir)
-    print(f"s3prl-install: wrote {up}; run from {up.parents[1]}: "
-          "python3 run_downstream.py -m train -u svqmae_local -k /path/to/model -d DOWNSTREAM -n EXP")
+    print(f"s3prl-install: wrote {up} and registered svqmae_local in {up.parents[1] / 'hub.py'}; then:\n"
+          "  python -m s3prl.run_downstream -m train -u svqmae_local -k /path/to/model -d DOWNSTREAM "
+          "-c CONFIG.yaml -n EXP [--device cpu]")
 
 
 def add_cli(sub) -> None:
     p = sub.add_parser("s3prl-install", help="register svqmae as an s3prl upstream (svqmae_local) in an s3prl checkout")
-    p.add_argument("s3prl_dir", metavar="S3PRL_DIR", help="s3prl repository root (or its s3prl/ package folder)")
+    p.add_argument("s3prl_dir", metavar="S3PRL_DIR", nargs="?",
+                   help="s3prl repository root or its s3prl/ package folder (default: the installed s3prl package)")
     p.set_defaults(func=cmd_install)
