@@ -5,6 +5,7 @@ Read top to bottom: front end -> encoder (visible tokens only) -> decoupled deco
 Shapes, everywhere in this file:
     B batch, S samples, N filterbank frames, F mel bins, T tokens (= N // stack), C = F * stack,
     V visible tokens (padded to the longest in the batch), M masked tokens in the whole batch,
+    P visible tokens of the whole batch end to end (packed layout, ``self.pack``),
     D encoder width, E decoder width, G codebooks, K codebook size.
 
 Mask polarity, stated once: ``mask[b, t] == True`` means token t is MASKED: the encoder never sees
@@ -20,9 +21,9 @@ from torch import nn
 from ..config import ModelConfig
 from . import io
 from .frontend import FilterbankFrontend
-from .masking import padding_mask, span_mask, visible_index
+from .masking import mask_counts, padding_mask, span_mask, true_positions, visible_index
 from .quantizer import Quantizer, code_stats
-from .transformer import Transformer, init_weights
+from .transformer import Transformer, init_weights, pack_rows
 
 
 class SVQMAE(nn.Module):
@@ -50,6 +51,9 @@ class SVQMAE(nn.Module):
         self.head = nn.Linear(head_in, q.num_codebooks * q.codebook_size)
         self.recon_head = nn.Linear(head_in, C) if cfg.recon_weight > 0 else None
         self.apply(init_weights)
+        # how, not what, the pre-training forward computes (set by the engine, see svqmae.engine.speed):
+        self.pack = False  # the encoder's visible tokens of the whole batch in one sequence (no padding)
+        self.shape_bucket = 1  # token counts (T, V, P) padded up to a multiple of this: shapes repeat
 
     @property
     def downsample_rate(self) -> int:
@@ -103,46 +107,73 @@ class SVQMAE(nn.Module):
     def forward(
         self, waves: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator
     ) -> dict[str, torch.Tensor]:
-        """One pre-training step's forward. waves: (B, S) 16 kHz; lengths: (B,) samples.
-        ``generator`` (CPU) draws the masks. Returns the loss and metrics (scalars)."""
+        """One pre-training step's forward. waves: (B, S) 16 kHz; lengths: (B,) samples, best on the CPU:
+        the step's shapes (visible and masked token counts) are worked out from them on the host, so the
+        step never waits for the device (lengths on the device cost one wait). ``generator`` (CPU) draws
+        the masks. Returns the loss and metrics (0-dim tensors on the device); in training with the learned
+        quantizer also ``quantizer_stats``, its EMA step's statistics (applied by the caller, once per
+        optimizer step: ``model.quantizer.apply_update``)."""
+        host_len = lengths.cpu()  # free when already there
+        lengths = lengths.to(waves.device, non_blocking=True)
         tokens, tok_len = self.frontend(waves, lengths)  # (B, T, C), (B,)
+        n_masked, n_vis = mask_counts(self.frontend.num_tokens(host_len).clamp(max=tokens.shape[1]).tolist(),
+                                      self.cfg.mask.ratio)  # host lists, (B,) each
+        tokens = F.pad(tokens, (0, 0, 0, self._bucket(tokens.shape[1]) - tokens.shape[1]))  # T: shapes repeat
         B, T, _ = tokens.shape
         codes = self.quantizer(tokens)  # (B, T, G) targets
         m = self.cfg.mask
-        mask = span_mask(tok_len.cpu(), T, m.ratio, m.span, generator).to(tokens.device)  # (B, T)
+        mask = span_mask(tok_len, T, m.ratio, m.span, generator)  # (B, T), on the device
+        rows = true_positions(mask, sum(n_masked))  # (M,) the masked tokens, flat in (B * T)
         if self.cfg.variant == "svqmae":
-            latent, idx, n_vis = self.forward_encoder(tokens, mask, tok_len)  # (B, V, D)
-            h = self.forward_decoder(latent, idx, n_vis, mask, tok_len)  # (M, E)
+            latent, slot = self.forward_encoder(tokens, mask, tok_len, n_vis)  # (B, V, D) or packed (1, P, D)
+            h = self.forward_decoder(latent, slot, mask, tok_len, rows)  # (M, E)
         else:
-            h = self.forward_encoder_only(tokens, mask, tok_len)  # (M, D)
-        out = self.forward_loss(h, codes, tokens, mask)
+            h = self.forward_encoder_only(tokens, mask, tok_len, rows)  # (M, D)
+        out = self.forward_loss(h, codes, tokens, rows)
         valid = ~padding_mask(tok_len, T)
-        if self.training:
-            self.quantizer.update(tokens, codes, valid)
+        if self.training and self.cfg.quantizer.kind == "learned":
+            out["quantizer_stats"] = self.quantizer.update_stats(tokens, codes, valid, generator)
         out.update(code_stats(codes, valid, self.cfg.quantizer.codebook_size))
         out["visible_tokens"] = (valid & ~mask).sum().float()
         out["tokens"] = valid.sum().float()
         return out
 
-    def forward_encoder(self, tokens, mask, tok_len):
+    def forward_encoder(self, tokens, mask, tok_len, n_vis: list[int] | None = None):
         """Encoder on the visible tokens only, positioned by their original indices.
-        tokens: (B, T, C) -> latent (B, V, D), idx (B, V), n_vis (B,)."""
-        idx, n_vis = visible_index(mask, tok_len)  # (B, V), (B,)
-        valid = ~padding_mask(n_vis, idx.shape[1])  # (B, V)
-        x = torch.gather(tokens, 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, V, C)
-        x = self.embed(x * valid[..., None])  # (B, V, D); padded slots carry nothing of any real token
-        return self.encoder(x, idx, valid)[-1], idx, n_vis
 
-    def forward_decoder(self, latent, idx, n_vis, mask, tok_len):
+        tokens: (B, T, C); n_vis: visible tokens per utterance, known on the host (None: counted on the
+        device, which waits for it). Returns latent (B, V, D), or with ``self.pack`` the visible tokens of
+        the whole batch end to end, (1, P, D); and slot, of the same (rows, L) shape: where each latent
+        row goes in the decoder's (B, T + 1) grid, flattened (padding -> a row's sink slot t = T)."""
+        B, T, C = tokens.shape
+        V = None if n_vis is None else self._bucket(max(n_vis, default=0))
+        idx, n_visible = visible_index(mask, tok_len, V)  # (B, V), (B,)
+        V = idx.shape[1]
+        valid = ~padding_mask(n_visible, V)  # (B, V)
+        b = torch.arange(B, device=idx.device)[:, None]  # (B, 1)
+        src = idx + T * b  # (B, V) flat index into (B * T)
+        slot = torch.where(valid, idx, T) + (T + 1) * b  # (B, V) flat index into (B * (T + 1))
+        pos, packed = idx, None
+        if self.pack and n_vis is not None:  # one row of P tokens: no padding but the bucket's tail
+            packed = pack_rows(valid, n_vis, self.shape_bucket)
+            rows = packed.rows  # (P,) places in (B * V)
+            real = torch.arange(rows.shape[0], device=rows.device) < packed.total  # (P,)
+            src, pos = src.flatten()[rows][None], idx.flatten()[rows][None]  # (1, P)
+            slot = torch.where(real, slot.flatten()[rows], T)[None]  # (1, P); the tail -> row 0's sink
+            valid = real[None]
+        x = tokens.flatten(0, 1)[src]  # (B, V, C) or (1, P, C)
+        x = self.embed(x * valid[..., None])  # padded slots carry nothing of any real token
+        return self.encoder(x, pos, valid, packed)[-1], slot
+
+    def forward_decoder(self, latent, slot, mask, tok_len, rows: torch.Tensor | None = None):
         """Put encoder outputs back in place, mask embedding elsewhere; decode; keep masked rows.
-        latent: (B, V, D) -> (M, E)."""
-        B, V, _ = latent.shape
-        T = mask.shape[1]
-        y = self.enc_to_dec(latent)  # (B, V, E)
+        latent: (B, V, D) or (1, P, D); slot: its places (see forward_encoder); rows: (M,) flat
+        positions of the masked tokens (None: from ``mask``, which waits for the device) -> (M, E)."""
+        B, T = mask.shape
+        y = self.enc_to_dec(latent)  # (B, V, E) or (1, P, E)
         E = y.shape[-1]
-        full = self.mask_embed.to(y.dtype).expand(B, T + 1, E).clone()  # (B, T+1, E); slot T is a sink
-        dest = idx.masked_fill(padding_mask(n_vis, V), T)  # padded visible slots land in the sink
-        full.scatter_(1, dest[..., None].expand(-1, -1, E), y)
+        full = self.mask_embed.to(y.dtype).expand(B * (T + 1), E).clone()  # slot t = T of each row is a sink
+        full = full.scatter(0, slot.reshape(-1, 1).expand(-1, E), y.reshape(-1, E)).view(B, T + 1, E)
         pos = torch.arange(T, device=y.device).expand(B, T)
         valid = ~padding_mask(tok_len, T)  # (B, T)
         x = full[:, :T]
@@ -150,30 +181,38 @@ class SVQMAE(nn.Module):
             x = x * valid[..., None]
             x = x + F.gelu(self.dec_conv(x.transpose(1, 2)).transpose(1, 2))
         x = self.decoder(x, pos, valid)[-1]  # (B, T, E)
-        return x[mask]  # (M, E)
+        return x.flatten(0, 1)[self._rows(mask, rows)]  # (M, E)
 
-    def forward_encoder_only(self, tokens, mask, tok_len):
+    def forward_encoder_only(self, tokens, mask, tok_len, rows: torch.Tensor | None = None):
         """Ablation: the encoder sees all tokens, masked ones replaced by the mask embedding. -> (M, D)"""
         B, T, _ = tokens.shape
         x = self.embed(tokens)  # (B, T, D)
         x = torch.where(mask[..., None], self.mask_embed.to(x.dtype), x)
         pos = torch.arange(T, device=x.device).expand(B, T)
-        return self.encoder(x, pos, ~padding_mask(tok_len, T))[-1][mask]
+        return self.encoder(x, pos, ~padding_mask(tok_len, T))[-1].flatten(0, 1)[self._rows(mask, rows)]
 
-    def forward_loss(self, h, codes, tokens, mask):
+    def forward_loss(self, h, codes, tokens, rows):
         """Cross-entropy on the codes of the masked tokens (+ optional filterbank reconstruction).
-        h: (M, E); codes: (B, T, G); tokens: (B, T, C)."""
+        h: (M, E); codes: (B, T, G); tokens: (B, T, C); rows: (M,) the masked tokens, flat in (B * T)."""
         G, K = self.cfg.quantizer.num_codebooks, self.cfg.quantizer.codebook_size
         logits = self.head(h).float().view(-1, G, K)  # (M, G, K)
-        target = codes[mask]  # (M, G)
+        target = codes.flatten(0, 1)[rows]  # (M, G)
         ce = F.cross_entropy(logits.reshape(-1, K), target.reshape(-1))
         out = {"ce": ce, "masked_acc": (logits.argmax(-1) == target).float().mean()}
         loss = ce
         if self.recon_head is not None:
-            out["recon"] = F.mse_loss(self.recon_head(h).float(), tokens[mask].float())
+            out["recon"] = F.mse_loss(self.recon_head(h).float(), tokens.flatten(0, 1)[rows].float())
             loss = loss + self.cfg.recon_weight * out["recon"]
         out["loss"] = loss
         return out
+
+    def _bucket(self, n: int) -> int:
+        """n rounded up to a multiple of ``shape_bucket``."""
+        return -(-n // self.shape_bucket) * self.shape_bucket
+
+    @staticmethod
+    def _rows(mask: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        return true_positions(mask, int(mask.sum())) if rows is None else rows
 
     # ---- feature extraction: no masking, every token, every layer
 
