@@ -91,8 +91,10 @@ def wav2vec2_loss(model: Wav2Vec2ForPreTraining, waves: torch.Tensor, lengths: t
 
 
 def pretrain_wav2vec2(sources: list[str], out_dir: str | Path, minutes: float, size: str = "tiny",
-                      device: str = "cpu", max_steps: int | None = None, lr: float = 5e-4, seed: int = 0) -> Path:
-    """Pre-train for ``minutes`` of wall-clock time (and at most ``max_steps``) with the batching and learning-rate
+                      device: str = "cpu", max_steps: int | None = None, lr: float = 5e-4, seed: int = 0,
+                      clock: str = "wall") -> Path:
+    """Pre-train for ``minutes`` of wall-clock time (``clock="cpu"``: of this process's CPU time, with the
+    loader in-process so that the clock sees all the work) and at most ``max_steps``, with the batching and learning-rate
     schedule of svqmae's preset of the same name (audio seconds per batch, utterance crop, warm-up, cosine decay
     over ``max_steps``; without it the horizon is 10^6 steps, so the time budget binds, as for
     ``svqmae pretrain --max-minutes``), AdamW (0.9, 0.98), clipping at 1.0, HF's Gumbel temperature decay
@@ -108,7 +110,9 @@ def pretrain_wav2vec2(sources: list[str], out_dir: str | Path, minutes: float, s
     schedule = lr_lambda(t)
     torch.manual_seed(seed)
     cuts = load_sources(sources, Problems()).filter(lambda c: c.duration >= t.min_utt_seconds).to_eager()
-    loader = pretrain_loader(cuts, t.max_batch_seconds, t.max_utt_seconds, t.num_buckets, t.num_workers, seed)
+    workers = 0 if clock == "cpu" else t.num_workers
+    loader = pretrain_loader(cuts, t.max_batch_seconds, t.max_utt_seconds, t.num_buckets, workers, seed)
+    now = time.process_time if clock == "cpu" else time.monotonic
     model = build_wav2vec2(size).to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -118,13 +122,13 @@ def pretrain_wav2vec2(sources: list[str], out_dir: str | Path, minutes: float, s
     budget = minutes * 60
     log(f"wav2vec 2.0 {size}: {sum(p.numel() for p in model.wav2vec2.encoder.parameters()) / 1e6:.1f}M encoder "
         f"parameters, {len(cuts)} utterances, {minutes} min on {device}")
-    step, epoch, audio, t0 = 0, 0, 0.0, time.monotonic()
+    step, epoch, audio, t0, c0 = 0, 0, 0.0, time.monotonic(), now()
     metrics = open(out / "metrics.jsonl", "w")
     done = False
     while not done:
         loader.sampler.set_epoch(epoch)
         for batch in loader:
-            if (budget > 0 and time.monotonic() - t0 >= budget) or step >= t.max_steps:
+            if (budget > 0 and now() - c0 >= budget) or step >= t.max_steps:
                 done = True
                 break
             if batch["waves"].shape[0] == 0:
@@ -154,7 +158,8 @@ def pretrain_wav2vec2(sources: list[str], out_dir: str | Path, minutes: float, s
     model.eval().save_pretrained(out)
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
                              return_attention_mask=model.config.feat_extract_norm == "layer").save_pretrained(out)
-    (out / "pretrain.json").write_text(json.dumps({"size": size, "steps": step, "minutes": minutes, "device": device,
+    (out / "pretrain.json").write_text(json.dumps({"size": size, "steps": step, "minutes": minutes, "clock": clock,
+                                                   "device": device,
                                                    "audio_hours_seen": round(audio / 3600, 3)}, indent=2))
     log(f"wav2vec 2.0: {step} steps, {audio / 3600:.2f} h of audio seen; saved to {out}")
     return out

@@ -3,8 +3,9 @@
 Models: SVQ-MAE (``svqmae pretrain``), its encoder-only ablation (``--set model.variant=encoder_only``),
 wav2vec 2.0 (Hugging Face ``Wav2Vec2ForPreTraining``, same size, data and minutes; benchmarks/hf_wav2vec2.py),
 the same architecture untrained (``random``) and SUPERB's FBANK baseline (``fbank``).
-Tasks: 12-class keyword spotting on speech_commands_dev (train and test on speaker-disjoint halves) and
-spoken digits on fsdd (3-fold cross-validation by speaker: every test speaker is unseen).
+Tasks: 12-class keyword spotting on speech_commands_dev (train and test on speaker-disjoint halves),
+spoken digits on fsdd (3-fold cross-validation by speaker: every test speaker is unseen) and, when
+emodb_dev is there, 7-class acted emotion (5-fold cross-validation by speaker).
 Pre-training data: speechocean762_dev + aishell1_dev.
 
     # pre-train all three for 30 minutes each, then evaluate (writes OUT/quality.md)
@@ -155,6 +156,8 @@ def main() -> None:
         "ks": dict(task="ks", train=str(ks_train), test=str(ks_test)),
         "digits": dict(task="classify", train=str(data / "fsdd" / "manifest.tsv"), folds=3, fold_by="speaker"),
     }
+    if (data / "emodb_dev" / "manifest.tsv").is_file():  # acted emotion, 7 classes; 5 folds of 2 actors
+        tasks["emotion"] = dict(task="er", train=str(data / "emodb_dev" / "manifest.tsv"), folds=5, fold_by="speaker")
     reports = []
     for label, spec in models.items():
         for tname, t in tasks.items():
@@ -177,7 +180,8 @@ def main() -> None:
     note = (f"Pre-training: {budget}; evaluation on {args.device} ({machine}); steps: "
             + ", ".join(f"{k} {v}" for k, v in steps.items())
             + f". Keyword spotting: 12 classes, speaker-disjoint halves ({ks_train.name} / {ks_test.name}); digits: "
-            "fsdd, 3-fold cross-validation by speaker. Accuracy %, 95% bootstrap interval over test items.")
+            "fsdd, 3-fold cross-validation by speaker; emotion: emodb_dev, 5-fold by speaker. Accuracy %, 95% "
+            "bootstrap interval over test items; head learning rate chosen on dev (evaluate --lr auto).")
     text = f"{table}\n\n{note}\n"
     print(text)
     (out / "quality.md").write_text(text)

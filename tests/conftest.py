@@ -89,6 +89,7 @@ def write_spelled_set(folder: Path, n: int = 16, seed: int = 0, letters: dict[st
 # fine-tuning settings that make a tiny CTC model learn in a few dozen steps on write_spelled_set data
 FINETUNE_FAST = ["train.max_batch_seconds=8", "train.max_utt_seconds=4", "train.lr=3e-3", "train.log_every=5",
                  "train.val_every=20", "train.ckpt_every_steps=10", "train.num_workers=0", "ctc.freeze_steps=6",
+                 "ctc.encoder_lr_ratio=1.0", "ctc.reinit_top=0",
                  "specaug.freq_mask_width=8"]
 
 TINY_MODEL_OVERRIDES = ["model.encoder.layers=2", "model.encoder.dim=64", "model.encoder.heads=2",
@@ -129,3 +130,12 @@ def model_dir(tmp_path):
     save_model(model, cfg, tmp_path / "run" / "model",
                card={"training data": "/data/fsdd", "steps": 30, "final training loss": "5.1"}, figures=[fig])
     return tmp_path / "run" / "model", model
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Models this small gain nothing from intra-op threads, and lose a lot on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

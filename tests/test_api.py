@@ -31,7 +31,7 @@ def test_extract_audio_resamples_any_rate(tmp_path):
     hs, lengths = svqmae.extract_audio(model, [harmonic_tone(1.0, sr=8000), harmonic_tone(0.5, sr=44100)], 8000)
     # the 44.1 kHz clip is treated as 8 kHz (the caller said so): 22050 samples -> 44100 at 16 kHz -> 69 tokens
     assert lengths.tolist() == [25, 69]
-    assert len(hs) == 3 and hs[0].shape[:2] == (2, 69)
+    assert len(hs) == 4 and hs[0].shape[:2] == (2, 69)  # level, input embedding, 2 blocks
 
 
 def test_bad_model_paths_give_one_line_errors(tmp_path):

@@ -13,7 +13,8 @@ import sys
 from .config import ConfigError
 
 # the task modules, in the order their commands are listed by ``svqmae --help``
-COMMANDS = ("pretrain", "datacmd", "demo", "evaluate", "finetune", "transcribe", "extract", "export", "s3prl")
+COMMANDS = ("pretrain", "datacmd", "demo", "evaluate", "finetune", "transcribe", "extract", "export", "s3prl",
+            "hf.export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,3 +58,52 @@ def test_auto_workers_per_device(monkeypatch):
     assert resolve_workers("auto") == 15  # 16 cores per GPU, one left for the training process
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(256)))
     assert resolve_workers("auto") == 16
+
+
+def test_speed_perturbation_is_seeded_bounded_and_keeps_the_crop_length(tmp_path):
+    write_wav(tmp_path / "short.wav", harmonic_tone(1.0))
+    write_wav(tmp_path / "long.wav", harmonic_tone(5.0))
+    cuts = load_source(tmp_path)
+    plain = WaveformBatches(max_seconds=2.0, seed=3)[(0, 0, cuts)]
+    ds = WaveformBatches(max_seconds=2.0, seed=3, speed=0.1)
+    a, b = ds[(0, 0, cuts)], ds[(0, 0, cuts)]
+    assert torch.equal(a["waves"], b["waves"])  # a pure function of seed, epoch and cut id
+    n = dict(zip(a["ids"], a["lengths"].tolist()))
+    short = next(i for i in a["ids"] if i.startswith("short"))
+    # the 1-s utterance: 1/factor as long for a factor in [0.9, 1.1], and not its plain length
+    assert 16000 / 1.1 - 2 <= n[short] <= 16000 / 0.9 + 2 and n[short] != 16000
+    long_ = next(i for i in a["ids"] if i.startswith("long"))
+    assert abs(n[long_] - 2 * 16000) <= 2  # cropped before the change of speed: still max_seconds
+    lengths = {tuple(ds[(e, 0, cuts)]["lengths"].tolist()) for e in range(6)}
+    assert len(lengths) > 1 and tuple(plain["lengths"].tolist()) not in lengths  # every epoch a new speed
+
+
+def test_a_lazy_manifest_streams_and_resumes_exactly_by_replaying_its_metadata(tmp_path):
+    from svqmae.data import split_heldout
+    from svqmae.data.loader import heldout_from_head
+
+    rows = ["path\tseconds"]
+    for i in range(30):
+        write_wav(tmp_path / f"u{i:02d}.wav", harmonic_tone(0.6 + 0.1 * (i % 6), seed=i))
+        rows.append(f"u{i:02d}.wav\t{0.6 + 0.1 * (i % 6):.3f}")
+    (tmp_path / "m.tsv").write_text("\n".join(rows) + "\n")
+    from svqmae.data import sources
+
+    sources.LAZY_MANIFEST_BYTES, old = 10, sources.LAZY_MANIFEST_BYTES
+    try:
+        cuts = load_source(tmp_path / "m.tsv", sources.Problems())
+    finally:
+        sources.LAZY_MANIFEST_BYTES = old
+    assert cuts.is_lazy
+    train, held = split_heldout(cuts, 4)
+    assert len(held) == 4 and [c.id for c in held] == [c.id for c in heldout_from_head(cuts, 4)]
+    assert train.is_lazy and not {c.id for c in train} & {c.id for c in held}
+
+    def take(start, n):
+        it = iter(pretrain_loader(train, 3.0, 1.0, 3, 0, seed=0, start=start, buffer_size=8))
+        return [(b["epoch"], b["index"], b["ids"]) for b, _ in zip(it, range(n))]
+
+    whole = take((0, 0), 20)
+    assert {i for e, _, ids in whole if e == 0 for i in ids} == {c.id for c in train}
+    e, i, _ = whole[12]
+    assert take((e, i), 8) == whole[12:]

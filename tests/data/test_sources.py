@@ -21,6 +21,7 @@ from svqmae.data import (
     load_sources,
     write_manifest,
 )
+from svqmae.data.audio import AudioError
 from tests.conftest import TINY_MODEL_OVERRIDES, harmonic_tone, write_wav
 
 
@@ -158,3 +159,86 @@ def test_pretrain_on_a_folder_with_bad_files_finishes_and_reports_them(tmp_path,
     assert "corrupt.wav" in skipped and "nan.wav" in skipped and "NaN" in skipped
     err = capfd.readouterr().err
     assert "corrupt.wav" in err and "nan.wav" in err
+
+
+def test_a_manifest_with_seconds_is_not_probed_and_a_large_one_is_lazy(tmp_path, monkeypatch):
+    from svqmae.data import sources
+
+    for i in range(4):
+        write_wav(tmp_path / f"u{i}.wav", harmonic_tone(1.0, seed=i))
+    (tmp_path / "bad.wav").write_bytes(b"RIFF" + bytes(100))
+    (tmp_path / "m.tsv").write_text("path\tseconds\tlabel\n" + "".join(f"u{i}.wav\t1.000\tL{i}\n" for i in range(4))
+                                    + "bad.wav\t1.0\tL9\n")
+    monkeypatch.setattr(sources, "_probe_all", lambda *a: pytest.fail("probed"))
+    problems = Problems()
+    cuts = load_source(tmp_path / "m.tsv", problems)  # lenient: the bad file is found when it is read
+    assert not cuts.is_lazy and len(cuts) == 5 and not len(problems)
+    assert cut_fields(cuts[3])["label"] == "L3" and load_cut(cuts[0]).shape == (16000,)
+    with pytest.raises(AudioError, match="bad.wav"):
+        load_cut(cuts[4])
+    monkeypatch.setattr(sources, "LAZY_MANIFEST_BYTES", 10)
+    lazy = load_source(tmp_path / "m.tsv", Problems())
+    assert lazy.is_lazy and [c.id for c in lazy] == [c.id for c in cuts] and len(lazy) == 5
+    cuts.to_file(tmp_path / "cuts.jsonl.gz")
+    assert load_source(tmp_path / "cuts.jsonl.gz", Problems()).is_lazy
+    (tmp_path / "gap.tsv").write_text("path\tseconds\nu0.wav\t\n")
+    with pytest.raises(DataError, match="gap.tsv: row 2: empty 'seconds'"):
+        list(load_source(tmp_path / "gap.tsv", Problems()))
+
+
+def test_a_folder_is_probed_once_then_read_from_the_run_cache(tmp_path, monkeypatch):
+    from svqmae.data import sources
+
+    d = _bad_folder(tmp_path)
+    first, problems = load_source(d, Problems(), cache=tmp_path / "cache"), Problems()
+    monkeypatch.setattr(sources, "_probe_all", lambda *a: pytest.fail("probed again"))
+    again = load_source(d, problems, cache=tmp_path / "cache")
+    assert [c.to_dict() for c in again] == [c.to_dict() for c in first]
+    assert sorted(p.split("/")[-1] for p, _ in problems.items) == ["corrupt.wav", "empty.flac"]
+    write_wav(d / "new.wav", harmonic_tone(0.5))  # another file: the cache no longer covers the folder
+    with pytest.raises(pytest.fail.Exception, match="probed again"):
+        load_source(d, Problems(), cache=tmp_path / "cache")
+
+
+def test_ranks_that_write_the_same_probe_cache_at_once_both_succeed(tmp_path, monkeypatch):
+    """DDP ranks probe the same folder and write the same cache entry: each must use its own
+    temporary file (a shared one made the slower rank's rename fail: CI, stop 17)."""
+    import os
+    import threading
+
+    from svqmae.data import sources
+
+    d = _bad_folder(tmp_path)
+    barrier, real_replace = threading.Barrier(2, timeout=30), os.replace
+
+    def replace_together(src, dst):  # both writers reach the rename before either renames
+        barrier.wait()
+        real_replace(src, dst)
+
+    monkeypatch.setattr(sources.os, "replace", replace_together)
+    results, errors = [], []
+
+    def rank():
+        try:
+            results.append(load_source(d, Problems(), cache=tmp_path / "cache"))
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [c.to_dict() for c in results[0]] == [c.to_dict() for c in results[1]]
+    monkeypatch.setattr(sources.os, "replace", real_replace)
+    monkeypatch.setattr(sources, "_probe_all", lambda *a: pytest.fail("probed again"))
+    assert len(load_source(d, Problems(), cache=tmp_path / "cache")) == len(results[0])
+    assert not [p.name for p in (tmp_path / "cache").iterdir() if ".tmp" in p.name]
+
+
+def test_a_cache_that_cannot_be_written_only_costs_a_probe(tmp_path, caplog):
+    d = _bad_folder(tmp_path)
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    cuts = load_source(d, Problems(), cache=tmp_path / "cache")
+    assert len(cuts) == 4 and "could not write the probe cache" in caplog.text

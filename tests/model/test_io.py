@@ -34,7 +34,7 @@ def test_save_pretrained_layout_card_and_identical_round_trip(model_dir, tmp_pat
     for where in (path, path.parent, tmp_path / "again"):
         out, out_len = extract_no_grad(SVQMAE.from_pretrained(where), waves, lengths)
         assert torch.equal(out_len, ref_len)
-        assert len(out) == 3 and all(torch.equal(a, b) for a, b in zip(out, ref))
+        assert len(out) == 4 and all(torch.equal(a, b) for a, b in zip(out, ref))  # level, embedding, 2 blocks
 
 
 def test_from_pretrained_reads_a_training_checkpoint(tmp_path):

@@ -1,4 +1,5 @@
-"""svqmae demo --quick: synthesize, pre-train, evaluate, print the table, write the plots."""
+"""svqmae demo --quick: synthesize, pre-train, evaluate, print the table, write the plots; ``--set``
+overrides the demo's own settings."""
 
 from __future__ import annotations
 
@@ -6,17 +7,21 @@ import importlib.util
 import json
 
 from svqmae import cli
+from svqmae.model import SVQMAE
 
 
 def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out), "--quick"]) == 0
+    sets = ["train.max_steps=8", "model.features.level=true"]
+    assert cli.main(["demo", "--out", str(out), "--quick", *(a for s in sets for a in ("--set", s))]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "results.json").read_text())
     assert (out / "results.md").read_text().strip() in printed
     assert (out / "corpus" / "pretrain.tsv").is_file() and (out / "pretrain" / "model" / "model.safetensors").is_file()
     p = summary["pretrain"]
-    assert p["steps"] == 10 and len(p["loss"]) == 2 and "pre-training: 10 steps" in printed
+    assert p["steps"] == 8 and len(p["loss"]) == 2 and "pre-training: 8 steps" in printed  # --set wins
+    assert summary["overrides"] == sets
+    assert SVQMAE.from_pretrained(out / "pretrain" / "model").cfg.features.level
     assert (out / "plots" / "pretrain_curves.png").is_file() and (out / "plots" / "codebook_usage.png").is_file()
     if importlib.util.find_spec("svqmae.evaluate") is not None:
         got = {(r["task"].split(" (")[0], r["model"]) for r in summary["results"]}
@@ -25,3 +30,10 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
         assert "| keyword spotting (12 classes) | accuracy |" in printed
         assert (out / "plots" / "results.png").is_file()
         assert len(list((out / "eval").glob("*.json"))) == 4
+
+
+def test_demo_bad_set_fails_before_synthesis(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--quick", "--set", "model.encoder.layerz=3"]) != 0
+    assert "unknown config key 'model.encoder.layerz'" in capsys.readouterr().err
+    assert not (out / "corpus").exists()  # nothing synthesized for a run that cannot start

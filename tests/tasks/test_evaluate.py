@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from svqmae import cli
+from svqmae.config import ConfigError
 from svqmae.data import DataError
 from svqmae.tasks.evaluate import bootstrap_ci, evaluate
 from svqmae.tasks.evaluate.features import FeatureStore
-from svqmae.tasks.evaluate.items import load_items, make_folds, split_dev
+from svqmae.tasks.evaluate.items import Item, load_items, make_folds, split_dev
 from svqmae.tasks.evaluate.upstreams import get_upstream
 from tests.conftest import write_labelled_set, write_spelled_set, write_wav
 from tests.tasks.test_upstreams import tiny_wav2vec2
@@ -47,6 +50,22 @@ def test_fbank_classify_report_plots_and_interval(pitch, tmp_path):
     assert r["runs"][0]["dev_split"] == "speaker"
 
 
+def test_head_learning_rate_is_chosen_on_dev_from_the_grid_or_given(pitch):
+    from svqmae.tasks.evaluate.heads import LR_GRID
+
+    auto = evaluate("fbank", "classify", pitch["train"], pitch["test"], cache=pitch["cache"], **FAST)
+    run = auto["runs"][0]
+    assert set(run["lr_search"]) == {f"{lr:g}" for lr in LR_GRID["utterance"]}
+    best = max(run["lr_search"].values())
+    assert run["lr"] in LR_GRID["utterance"] and run["lr_search"][f"{run['lr']:g}"] == best
+    assert run["dev_accuracy"] == best and auto["head_lr"] == [run["lr"]]
+    fixed = evaluate("fbank", "classify", pitch["train"], pitch["test"], cache=pitch["cache"], lr=3e-3, **FAST)
+    assert fixed["head_lr"] == [3e-3] and "lr_search" not in fixed["runs"][0]
+    for bad in ("fast", -1):
+        with pytest.raises(ConfigError, match="lr must be"):
+            evaluate("fbank", "classify", pitch["train"], pitch["test"], cache=pitch["cache"], lr=bad, **FAST)
+
+
 def test_features_are_cached_and_results_reproducible(pitch):
     a = evaluate("fbank", "ks", pitch["train"], pitch["test"], cache=pitch["cache"], **FAST)
     b = evaluate("fbank", "ks", pitch["train"], pitch["test"], cache=pitch["cache"], **FAST)
@@ -57,7 +76,7 @@ def test_features_are_cached_and_results_reproducible(pitch):
 def test_random_upstream_layer_weights_sum_to_one(pitch, tmp_path):
     r = evaluate("random", "classify", pitch["train"], pitch["test"], out=str(tmp_path), cache=pitch["cache"],
                  **FAST)
-    assert len(r["layer_weights"]) == r["upstream"]["layers"] == 5
+    assert len(r["layer_weights"]) == r["upstream"]["layers"] == 6  # level, input embedding, 4 blocks
     assert sum(r["layer_weights"]) == pytest.approx(1.0, abs=1e-4)
     assert r["upstream"]["name"] == "random:tiny" and (tmp_path / "report.json").is_file()
 
@@ -111,6 +130,20 @@ def test_dev_split_is_speaker_disjoint(pitch):
     train, dev, how = split_dev(items, 0.25, seed=0)
     assert how == "speaker" and len(train) + len(dev) == len(items)
     assert not {i.speaker for i in train} & {i.speaker for i in dev}
+
+
+def test_dev_split_of_items_without_speakers_does_not_depend_on_where_the_data_lies():
+    def items(root, stamp):  # the same 40 segments below another folder, with other cache keys (file times)
+        return [Item(cut=SimpleNamespace(start=0.5 * (i % 2), duration=1.0), path=f"{root}/audio/{i // 2}.wav",
+                     label="silence", text=None, speaker=None, key=f"{stamp}{i}") for i in range(40)]
+
+    def held(root, stamp, seed=0):
+        _, dev, how = split_dev(items(root, stamp), 0.25, seed=seed)
+        assert how == "random" and len(dev) == 10
+        return sorted((Path(it.path).name, it.cut.start) for it in dev)
+
+    assert held("/data/a", "x") == held("/elsewhere/copy/b", "y")
+    assert held("/data/a", "x") != held("/data/a", "x", seed=1)
 
 
 def test_asr_reports_cer_and_wer(tmp_path):

@@ -34,6 +34,6 @@ def test_onnx_export_matches_pytorch_with_dynamic_batch_and_length(tmp_path):
     waves, lengths = waves_batch((0.45, 1.37, 0.8), seed=5)
     hidden, tok_len = sess.run(None, {"waves": waves.numpy(), "lengths": lengths.numpy()})
     ref, ref_len = extract_no_grad(model, waves, lengths)
-    assert hidden.shape == (3, 3, int(ref_len.max()), 64)
+    assert hidden.shape == (4, 3, int(ref_len.max()), 64)  # level, input embedding, 2 blocks
     assert tok_len.tolist() == ref_len.tolist()
     assert np.abs(hidden - torch.stack(ref).numpy()).max() < 1e-4

@@ -48,12 +48,12 @@ def test_extract_writes_one_file_per_utterance_and_an_index(model_dir, tmp_path,
     assert len(rows) == len(SECONDS)
     assert "broken.wav" in (out / "skipped_files.tsv").read_text()
     meta = json.loads((out / "features.json").read_text())
-    assert meta["layers"] == [0, 1, 2] and meta["dim"] == 64 and meta["downsample_rate"] == 640
+    assert meta["layers"] == [0, 1, 2, 3] and meta["dim"] == 64 and meta["downsample_rate"] == 640
     for row in rows:
         x = read_audio(row["path"])
         feats = np.load(out / row["file"])
         tokens = (len(x) + 80) // 160 // 4
-        assert feats.shape == (3, tokens, 64) and int(row["tokens"]) == tokens and feats.dtype == np.float32
+        assert feats.shape == (4, tokens, 64) and int(row["tokens"]) == tokens and feats.dtype == np.float32
         alone = extract_no_grad(model, torch.from_numpy(x)[None], torch.tensor([len(x)]))[0]
         np.testing.assert_allclose(feats, torch.stack(alone)[:, 0].numpy(), atol=1e-5)
     assert {r["file"].split("/")[1] for r in rows} == {"spk_a", "spk_b"}  # sub-folders kept
@@ -64,9 +64,9 @@ def test_extract_writes_one_file_per_utterance_and_an_index(model_dir, tmp_path,
                  "--format", "npz", "--workers", "0", "--quiet"]) == 0
     for row in csv.DictReader(open(out2 / "index.tsv"), delimiter="\t"):
         with np.load(out2 / row["file"]) as z:
-            assert sorted(z.files) == ["layer_0", "layer_2"]
+            assert sorted(z.files) == ["layer_0", "layer_3"]  # the level and the top block
             ref = np.load(out / row["file"].replace(".npz", ".npy"))
-            np.testing.assert_allclose(z["layer_2"], ref[2], atol=1e-5)
+            np.testing.assert_allclose(z["layer_3"], ref[3], atol=1e-5)
 
 
 def test_extract_bad_inputs_are_one_line_errors(model_dir, tmp_path, capsys):

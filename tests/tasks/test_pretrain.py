@@ -100,14 +100,15 @@ def test_tiny_run_writes_its_files_and_loss_falls(reference):
         assert meta["bytes"] == (out / "checkpoints" / n).stat().st_size
     model = svqmae.load(out / "model")
     hidden, lengths = model.extract(torch.zeros(1, 16000))
-    assert len(hidden) == 2 and hidden[-1].shape == (1, int(lengths[0]), 32)
+    assert len(hidden) == 3 and hidden[-1].shape == (1, int(lengths[0]), 32)  # level, input embedding, 1 block
 
 
 def test_kill9_at_a_random_step_then_resume_matches_the_uninterrupted_run(reference, tmp_path):
     root, data, ref = reference
     kill_at = random.Random(7).randint(5, STEPS - 1)  # a step that is not a checkpoint boundary
     out = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=str(Path(svqmae.__file__).parents[1]))
+    # the killed run uses as many threads as this process (float sums depend on it): bit-exact comparisons
+    env = dict(os.environ, PYTHONPATH=str(Path(svqmae.__file__).parents[1]), OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.run([sys.executable, "-m", "svqmae.cli", *cli_args(data, out, "--inject-fault", f"sigkill@{kill_at}")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -208,3 +209,60 @@ def test_a_time_budget_decays_the_learning_rate_over_the_minutes_and_a_resume_co
     pretrain([str(data)], out, tiny_cfg(*run, "train.inject_faults=[sigterm@3]"))
     again = {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
     assert again == lr
+
+
+def test_global_norm_statistics_are_estimated_once_and_saved(tmp_path):
+    data = write_audio(tmp_path / "audio")
+    out = tmp_path / "run"
+    pretrain([str(data)], out, tiny_cfg("model.features.norm=global", "train.max_steps=2"))
+    model = svqmae.load(out / "model")
+    mean, std = model.frontend.global_mean, model.frontend.global_std
+    assert float(mean.abs().sum()) > 0 and not torch.allclose(std, torch.ones_like(std))
+    # resuming does not estimate again: the statistics come with the checkpoint
+    pretrain([str(data)], out, tiny_cfg("model.features.norm=global", "train.max_steps=3"))
+    again = svqmae.load(out / "model")
+    assert torch.equal(again.frontend.global_mean, mean) and torch.equal(again.frontend.global_std, std)
+
+
+def test_kill9_over_a_shar_stream_resumes_from_its_position_and_trains_no_cut_twice_per_epoch(tmp_path):
+    """A Shar source is streamed by 2 loader workers; killed at step 7, the run resumes from the
+    step-4 checkpoint's stream positions. Rebuilt from the same stream, the batches trained before and
+    after the kill hold no cut twice in an epoch and leave out at most each worker's buffer."""
+    from svqmae.data.loader import shar_loader
+    from svqmae.data.shar import open_shar, shar_heldout
+    from svqmae.data.shar_writer import write_shar
+
+    data = write_audio(tmp_path / "audio")
+    shar = tmp_path / "shar"
+    write_shar([str(data)], shar, shard_seconds=3.0, progress=False, log=lambda m: None)
+    out, stream = tmp_path / "run", ["train.num_workers=2", "train.stream_buffer=3"]
+    env = dict(os.environ, PYTHONPATH=str(Path(svqmae.__file__).parents[1]))
+    args = cli_args(shar, out, "--inject-fault", "sigkill@7", *[a for s in stream for a in ("--set", s)])
+    proc = subprocess.run([sys.executable, "-m", "svqmae.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert "streamed" in proc.stderr
+    saved = torch.load(latest_checkpoint(out), weights_only=True)["data_stream"]
+    assert latest_checkpoint(out).name == "step00000004.ckpt"
+    assert saved[0]["layout"] == [1, 2] and sorted(saved[0]["workers"]) == [0, 1]
+    cfg = tiny_cfg("train.inject_faults=[sigkill@7]", *stream)
+    pretrain([str(shar)], out, cfg)
+    assert sorted(losses(out)) == list(range(1, STEPS + 1)) and (out / "model" / "model.safetensors").is_file()
+
+    t, s = cfg.train, open_shar(shar)
+    held = frozenset(c.id for c in shar_heldout(s, t.val_items, t.min_utt_seconds))
+
+    def stream_from(resume, n):
+        loader = shar_loader(s, t.max_batch_seconds, t.max_utt_seconds, t.num_buckets, 2, t.seed, t.stream_buffer,
+                             exclude=held, min_seconds=t.min_utt_seconds, resume=resume)
+        batches = []
+        for b in loader:
+            batches.append(b)
+            if len(batches) == n:
+                return batches
+
+    trained = stream_from(None, 4) + stream_from(saved, STEPS - 4)
+    train_ids = {i for b in stream_from(None, 6) for i in b["ids"]}
+    for epoch in {b["epoch"] for b in trained}:
+        ids = [i for b in trained if b["epoch"] == epoch for i in b["ids"]]
+        assert len(ids) == len(set(ids)), (epoch, ids)
+        assert len(ids) >= len(train_ids) - 2 * t.stream_buffer

@@ -30,7 +30,7 @@ def test_forward_contract(model_dir):
     with torch.no_grad():
         out = up(_wavs())
     hs = out["hidden_states"]
-    assert isinstance(hs, list) and len(hs) == 3  # input embedding + 2 layers, for s3prl's weighted sum
+    assert isinstance(hs, list) and len(hs) == 4  # level, input embedding, 2 layers, for s3prl's weighted sum
     T = (max(LENGTHS) + 80) // 640
     assert all(h.shape == (3, T, 64) for h in hs)
     assert out["last_hidden_state"] is hs[-1]
@@ -61,7 +61,7 @@ def test_grad_and_modes(model_dir):
     up.train()
     assert up.model.training
     hs = up(wavs)["hidden_states"]
-    assert all(h.requires_grad for h in hs)
+    assert all(h.requires_grad for h in hs[1:]) and not hs[0].requires_grad  # the level state has no weights
     torch.stack(hs).pow(2).mean().backward()
     assert up.model.encoder.blocks[0].qkv.weight.grad.abs().sum() > 0
     up.eval()

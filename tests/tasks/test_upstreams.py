@@ -41,7 +41,7 @@ def test_fbank_is_one_layer_of_240_dims_at_100_hz():
 def test_random_upstream_is_seeded_untrained_svqmae():
     a, b, c = get_upstream("random"), get_upstream("random:tiny"), get_upstream("random:tiny:1")
     tiny = C.resolve("tiny").model.encoder
-    assert (a.num_layers, a.dim) == (tiny.layers + 1, tiny.dim)
+    assert (a.num_layers, a.dim) == (1 + tiny.layers + 1, tiny.dim)  # level, input embedding, blocks
     assert a.key == b.key != c.key  # same seed, same weights; another seed, another cache key
     _check_padding_aware(a)
     waves, lengths = _batch()
@@ -54,9 +54,23 @@ def test_svqmae_model_folder(tmp_path):
     torch.manual_seed(0)
     save_model(SVQMAE(cfg.model), cfg, tmp_path / "run" / "model")
     up = get_upstream(str(tmp_path / "run"))  # a run DIR finds its model/
-    assert (up.num_layers, up.dim, up.frame_rate) == (3, 64, 25.0)
+    assert (up.num_layers, up.dim, up.frame_rate) == (4, 64, 25.0) and up.describe()["state0"] == "level"
     assert up.key == get_upstream(str(tmp_path / "run" / "model")).key
     _check_padding_aware(up)
+
+
+def test_cache_key_tells_the_level_state_apart(tmp_path):
+    """The same weights with and without the level state extract different states: different cache keys."""
+    keys = {}
+    for on in (True, False):
+        cfg = C.resolve("tiny", overrides=["model.encoder.layers=1", "model.encoder.dim=64", "model.encoder.heads=2",
+                                           "model.encoder.ffn_dim=128", f"model.features.level_state={on}"])
+        torch.manual_seed(0)
+        save_model(SVQMAE(cfg.model), cfg, tmp_path / str(on))
+        up = get_upstream(str(tmp_path / str(on)))
+        keys[on] = up.key
+        assert up.num_layers == 2 + on and up.describe()["state0"] == ("level" if on else "input embedding")
+    assert keys[True] != keys[False]
 
 
 def tiny_wav2vec2(path, norm: str = "layer"):

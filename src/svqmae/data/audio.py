@@ -5,6 +5,7 @@ stops early) or holding NaN/Inf samples."""
 
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +75,22 @@ def read_audio(
 ) -> np.ndarray:
     """Read ``path`` (optionally a segment, in seconds) as mono float32 at ``sample_rate``."""
     p = _existing(path)
+    return _decode(str(p), p, sample_rate, offset, duration)
+
+
+def read_audio_bytes(data: bytes, name: str, sample_rate: int = 16000, offset: float = 0.0,
+                     duration: float | None = None) -> np.ndarray:
+    """Like :func:`read_audio` for an encoded file held in memory (e.g. a member of a Shar tar);
+    ``name`` is what an ``AudioError`` calls it."""
+    if not data:
+        raise AudioError(f"{name}: empty file (0 bytes)")
+    return _decode(io.BytesIO(data), name, sample_rate, offset, duration)
+
+
+def _decode(src, p, sample_rate: int, offset: float, duration: float | None) -> np.ndarray:
+    """``src``: a path string or a binary file object; ``p`` names it in errors."""
     try:
-        with sf.SoundFile(str(p)) as f:
+        with sf.SoundFile(src) as f:
             sr, total, fmt = f.samplerate, f.frames, f.format
             if total == 0:
                 raise AudioError(f"{p}: empty audio (0 samples)")

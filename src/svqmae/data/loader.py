@@ -1,27 +1,40 @@
 """Batches: duration-bucketed dynamic batches of 16 kHz waveforms from lhotse samplers, as one pass
-(evaluation) or as the endless, exactly resumable training stream; random crops of long utterances;
-CTC targets for fine-tuning. Padding is zeros; ``lengths`` give each utterance's samples."""
+(evaluation) or as the endless training stream (exactly resumable for in-memory and lazy CutSets;
+from its read position, within a bound, for Shar streams: :mod:`svqmae.data.shar`); random crops of
+long utterances; CTC targets for fine-tuning. Padding is zeros; ``lengths`` give each utterance's
+samples."""
 
 from __future__ import annotations
 
 import os
 import random
 import warnings
+from functools import partial
 
 import torch
 from lhotse import CutSet
 from lhotse.dataset import DynamicBucketingSampler, DynamicCutSampler
 
 from ..config import TrainConfig
-from .audio import AudioError
-from .sources import cut_path, read_span, stable_hash
+from .audio import AudioError, resample
+from .common import cut_path, heldout_from_head, stable_hash
+from .sources import read_span
 
 
 def split_heldout(cuts: CutSet, n: int) -> tuple[CutSet, CutSet]:
-    """A deterministic held-out slice of ``n`` cuts (by hash of id); (train, heldout)."""
+    """A deterministic held-out slice of ``n`` cuts (by hash of id); (train, heldout). A lazy CutSet
+    stays lazy: its slice is drawn from its head (see :func:`heldout_from_head`)."""
+    if cuts.is_lazy:
+        held = heldout_from_head(cuts, n)
+        ids = frozenset(c.id for c in held)
+        return cuts.filter(partial(_not_in, ids)), held
     ranked = sorted(cuts, key=lambda c: stable_hash(c.id))
     held = {c.id for c in ranked[: min(n, max(len(ranked) - 1, 0))]}
     return cuts.filter(lambda c: c.id not in held).to_eager(), cuts.filter(lambda c: c.id in held).to_eager()
+
+
+def _not_in(ids: frozenset, cut) -> bool:
+    return cut.id not in ids
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -85,10 +98,15 @@ def batch_loader(dataset, sampler, num_workers: int | str, start: tuple[int, int
     training stream from ``start`` = (epoch, index of the next batch). On CUDA, batches are pinned, so
     that they reach the device without the host waiting."""
     stream = EpochBatches(sampler) if start is None else EndlessBatches(sampler, start)
+    return _loader(dataset, num_workers, sampler=stream)
+
+
+def _loader(dataset, num_workers: int | str, **kw) -> torch.utils.data.DataLoader:
+    """A DataLoader of ready batches with ``train.num_workers`` workers (see :func:`resolve_workers`)."""
     num_workers = resolve_workers(num_workers)
-    return torch.utils.data.DataLoader(dataset, sampler=stream, batch_size=None, num_workers=num_workers,
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                        prefetch_factor=max(2, min(4, 8 // num_workers)) if num_workers else None,
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=torch.cuda.is_available(), **kw)
 
 
 class WaveformBatches(torch.utils.data.Dataset):
@@ -96,10 +114,16 @@ class WaveformBatches(torch.utils.data.Dataset):
 
     Cuts longer than ``max_seconds`` are randomly cropped (a pure function of seed, epoch and cut
     id); files that fail to load are dropped from the batch and listed in ``failed`` (strict=False),
-    or raise (strict=True)."""
+    or raise (strict=True). ``speed`` > 0 plays each utterance at a random speed in ``[1 - speed,
+    1 + speed]`` (tempo and pitch together, as sox's ``speed``; also a pure function of seed, epoch and
+    cut id), cropped first so that it still lasts at most ``max_seconds``; a batch's audio seconds then
+    differ from what the sampler counted by up to a factor ``1 / (1 - speed)`` (uncropped utterances
+    played slower)."""
 
-    def __init__(self, sample_rate=16000, max_seconds: float | None = None, seed: int = 0, strict=False):
+    def __init__(self, sample_rate=16000, max_seconds: float | None = None, seed: int = 0, strict=False,
+                 speed: float = 0.0):
         self.sample_rate, self.max_seconds, self.seed, self.strict = sample_rate, max_seconds, seed, strict
+        self.speed = speed
 
     def __getitem__(self, item):
         epoch, index, cuts = item if isinstance(item, tuple) else (0, 0, item)
@@ -107,10 +131,13 @@ class WaveformBatches(torch.utils.data.Dataset):
         for cut in cuts:
             full = cut.custom or {}
             offset, dur = full.get("full_start", cut.start), full.get("full_duration", cut.duration)
-            if self.max_seconds and dur > self.max_seconds:
+            factor = 1.0
+            if self.speed:
+                factor = random.Random(f"speed/{self.seed}/{epoch}/{cut.id}").uniform(1 - self.speed, 1 + self.speed)
+            if self.max_seconds and dur > self.max_seconds * factor:
                 rng = random.Random(f"{self.seed}/{epoch}/{cut.id}")
-                offset += rng.uniform(0, dur - self.max_seconds)
-                dur = self.max_seconds
+                offset += rng.uniform(0, dur - self.max_seconds * factor)
+                dur = self.max_seconds * factor
             try:
                 x = read_span(cut, offset, dur, self.sample_rate)
             except AudioError as e:
@@ -118,6 +145,8 @@ class WaveformBatches(torch.utils.data.Dataset):
                     raise
                 failed.append((cut_path(cut), str(e)))
                 continue
+            if factor != 1.0:  # heard at sample_rate, samples taken at sample_rate * factor: 1/factor as long
+                x = resample(x, round(self.sample_rate * factor), self.sample_rate)
             waves.append(torch.from_numpy(x))
             ids.append(cut.id)
         lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
@@ -139,10 +168,20 @@ def _crop_view(cut, max_seconds: float):
 
 def pretrain_loader(cuts: CutSet, max_batch_seconds: float, max_utt_seconds: float, num_buckets: int,
                     num_workers: int | str, seed: int, shuffle: bool = True,
-                    start: tuple[int, int] | None = None) -> torch.utils.data.DataLoader:
+                    start: tuple[int, int] | None = None, buffer_size: int = 20000,
+                    speed: float = 0.0) -> torch.utils.data.DataLoader:
     """Duration-bucketed dynamic batches, DDP-aware (lhotse reads rank/world size when
     torch.distributed is initialized), loaded in worker processes. One pass per epoch, or with
-    ``start`` the endless training stream from that (epoch, batch index) (see ``EndlessBatches``)."""
+    ``start`` the endless training stream from that (epoch, batch index) (see ``EndlessBatches``).
+    A lazy CutSet (a large manifest) is streamed: shuffled and bucketed in a buffer of
+    ``buffer_size`` cuts; its resume replays the cut metadata of the epoch up to ``start``.
+    ``speed``: random speed perturbation (see ``WaveformBatches``)."""
+    dataset = WaveformBatches(max_seconds=max_utt_seconds, seed=seed, speed=speed)
+    if cuts.is_lazy and shuffle:
+        sampler = DynamicBucketingSampler(cuts.map(partial(_crop_view, max_seconds=max_utt_seconds)),
+                                          max_duration=max_batch_seconds, num_buckets=max(1, num_buckets),
+                                          shuffle=True, seed=seed, drop_last=False, buffer_size=buffer_size)
+        return batch_loader(dataset, sampler, num_workers, start)
     # the sampler sees cropped durations, so a batch never holds more than max_batch_seconds of audio
     cropped = CutSet.from_cuts(_crop_view(c, max_utt_seconds) for c in cuts)
     if shuffle:
@@ -154,7 +193,25 @@ def pretrain_loader(cuts: CutSet, max_batch_seconds: float, max_utt_seconds: flo
             )
     else:
         sampler = DynamicCutSampler(cropped, max_duration=max_batch_seconds, shuffle=False)
-    return batch_loader(WaveformBatches(max_seconds=max_utt_seconds, seed=seed), sampler, num_workers, start)
+    return batch_loader(dataset, sampler, num_workers, start)
+
+
+def shar_loader(shar, max_batch_seconds: float, max_utt_seconds: float, num_buckets: int, num_workers: int | str,
+                seed: int, buffer_size: int, exclude=frozenset(), min_seconds: float = 0.0,
+                resume: list[dict] | None = None, epochs: int | None = None,
+                speed: float = 0.0) -> torch.utils.data.DataLoader:
+    """The training stream of a Shar source (:class:`svqmae.data.shar.SharStream`): its shards split
+    over nodes x ranks x ``num_workers`` loader workers, cropped, bucketed and batched as
+    :func:`pretrain_loader` does; endless, or ``epochs`` passes. ``resume``: the stream positions a
+    checkpoint saved (see :func:`svqmae.data.shar.resume_positions`). ``speed``: as ``pretrain_loader``'s."""
+    from .shar import SharStream, duration_bins
+
+    bins = duration_bins(shar, num_buckets, max_utt_seconds)
+    dataset = WaveformBatches(max_seconds=max_utt_seconds, seed=seed, speed=speed)
+    stream = SharStream(shar, dataset, max_batch_seconds, bins, seed, buffer_size,
+                        crop=partial(_crop_view, max_seconds=max_utt_seconds), exclude=exclude,
+                        min_seconds=min_seconds, resume=resume, epochs=epochs)
+    return _loader(stream, num_workers)
 
 
 class CTCBatches(WaveformBatches):

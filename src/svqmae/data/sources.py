@@ -13,37 +13,38 @@ Loading is lenient for pre-training (bad files are skipped, counted and reported
 from __future__ import annotations
 
 import csv
-import hashlib
+import logging
 import math
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet, load_manifest
+from lhotse import CutSet, MonoCut, Recording, RecordingSet, SupervisionSegment, SupervisionSet, load_manifest
 from lhotse.audio import AudioSource
+from lhotse.cut import Cut
+from lhotse.lazy import LazyIteratorChain
+from lhotse.utils import compute_num_samples
 
-from .audio import AUDIO_EXTENSIONS, AudioError, AudioInfo, audio_info, check_audio, probe, read_audio, resample
+from ..config import private_tmp
+from .audio import (
+    AUDIO_EXTENSIONS,
+    AudioError,
+    AudioInfo,
+    audio_info,
+    check_audio,
+    probe,
+    read_audio,
+    read_audio_bytes,
+    resample,
+)
+from .common import DataError, Problems, cut_fields, cut_path, stable_hash  # noqa: F401 (re-exported)
+from .shar import SAMPLE_RATE, SHARD_ERRORS, is_shar, iter_shard, open_shar, read_shar, shard_error
 
-
-class DataError(ValueError):
-    """A bad data source; the message names the file and the problem."""
-
-
-@dataclass
-class Problems:
-    """Files that could not be used, with the reason: (path, reason)."""
-
-    items: list[tuple[str, str]] = field(default_factory=list)
-
-    def add(self, path: str, reason: str) -> None:
-        self.items.append((str(path), reason))
-
-    def __len__(self) -> int:
-        return len(self.items)
-
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- sources
 
@@ -84,13 +85,66 @@ def _probe_all(items: list[tuple[str, Path]], problems: Problems) -> dict[str, R
     return out
 
 
-def scan_folder(folder: Path, problems: Problems) -> CutSet:
-    """Every audio file under ``folder`` (recursively), one cut per file."""
+def scan_folder(folder: Path, problems: Problems, cache: Path | None = None) -> CutSet:
+    """Every audio file under ``folder`` (recursively), one cut per file (id = path without extension).
+
+    With ``cache`` (a folder, e.g. the run's ``data_cache/``) the probe is done once: its cuts and
+    problems are kept there and reused while the folder holds the same files, so a resumed run does
+    not probe again (a file that changed since is found when it is read, and skipped as usual)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
     if not files:
         raise DataError(f"{folder}: no audio files found (looked for {', '.join(AUDIO_EXTENSIONS)})")
-    recs = _probe_all([(str(p.relative_to(folder).with_suffix("")), p) for p in files], problems)
-    return CutSet.from_cuts(rec.to_cut() for rec in recs.values())  # cut id = path without extension
+    if cache is not None:
+        cached = _read_probe_cache(folder, files, cache, problems)
+        if cached is not None:
+            return cached
+    mine = Problems()
+    recs = _probe_all([(str(p.relative_to(folder).with_suffix("")), p) for p in files], mine)
+    cuts = CutSet.from_cuts(rec.to_cut() for rec in recs.values())
+    if cache is not None:
+        _write_probe_cache(folder, cuts, mine, cache)
+    problems.items.extend(mine.items)
+    return cuts
+
+
+def _probe_cache_paths(folder: Path, cache: Path) -> tuple[Path, Path]:
+    key = f"{folder.resolve().name}-{stable_hash(str(folder.resolve())):016x}"
+    return cache / f"probe-{key}.jsonl.gz", cache / f"probe-{key}.problems.tsv"
+
+
+def _read_probe_cache(folder: Path, files: list[Path], cache: Path, problems: Problems) -> CutSet | None:
+    """The cached probe of ``folder`` if it covers exactly ``files``, else None."""
+    cuts_file, problems_file = _probe_cache_paths(folder, cache)
+    if not (cuts_file.is_file() and problems_file.is_file()):
+        return None
+    try:
+        cuts = CutSet.from_file(cuts_file).to_eager()
+        rows = [line.split("\t", 1) for line in problems_file.read_text(encoding="utf-8").splitlines()[1:]]
+    except Exception:  # unreadable cache: probe again
+        return None
+    if sorted([cut_path(c) for c in cuts] + [r[0] for r in rows]) != [str(p) for p in files]:
+        return None
+    problems.items.extend((r[0], r[1]) for r in rows)
+    return cuts
+
+
+def _write_probe_cache(folder: Path, cuts: CutSet, problems: Problems, cache: Path) -> None:
+    """Best effort: a cache that cannot be written only costs a probe next time. Several processes
+    (DDP ranks, loader workers) may write the same entry at once, so each writes its own temporary
+    file and renames it into place."""
+    cuts_file, problems_file = _probe_cache_paths(folder, cache)
+    text = "path\treason\n" + "".join(f"{p}\t{' '.join(r.split())}\n" for p, r in problems.items)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = private_tmp(cuts_file, ".jsonl.gz")
+        cuts.to_file(tmp)
+        os.replace(tmp, cuts_file)
+        tmp = private_tmp(problems_file, ".tsv")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, problems_file)
+    except OSError as e:
+        log.warning("could not write the probe cache %s (%s); the folder will be probed again next time",
+                    cuts_file, e)
 
 
 def _seconds(row: dict, key: str, where: str) -> float | None:
@@ -106,30 +160,115 @@ def _seconds(row: dict, key: str, where: str) -> float | None:
     return x
 
 
-def read_manifest(path: Path, problems: Problems) -> CutSet:
+# manifests larger than this (gzip: counted 8x) are read lazily in lenient mode: never whole in memory
+LAZY_MANIFEST_BYTES = 8 << 20
+
+
+def _large(path: Path) -> bool:
+    return path.stat().st_size * (8 if path.name.endswith(".gz") else 1) > LAZY_MANIFEST_BYTES
+
+
+def _manifest_header(path: Path, first_line: str) -> tuple[str, list[str]]:
+    """(delimiter, stripped column names) of a TSV/CSV manifest; DataError if it has no ``path``."""
+    delim = "\t" if "\t" in first_line else ","
+    header = [h.strip() for h in next(csv.reader([first_line], delimiter=delim))]
+    if "path" not in header:
+        raise DataError(f"{path}: manifest has no 'path' column (columns: {', '.join(header)})")
+    return delim, header
+
+
+def _row_path(row: dict, i: int, path: Path) -> str:
+    rel = (row.get("path") or "").strip()
+    if not rel:
+        raise DataError(f"{path}: row {i + 2} has an empty 'path'")
+    return rel
+
+
+def _row_segment(row: dict, where: str, known: float | None) -> tuple[float, float]:
+    """(start, end) seconds of a row: ``start`` (default 0); ``end``, else start + ``seconds``, else
+    the file's probed duration ``known`` (None: not probed, then the row must give one of them)."""
+    start = _seconds(row, "start", where) or 0.0
+    end = _seconds(row, "end", where)
+    if end is None:
+        secs = _seconds(row, "seconds", where) if known is None else None
+        if secs is None and known is None:
+            raise DataError(f"{where}: empty 'seconds' (fill it in, or drop the column to have every file probed)")
+        end = start + secs if secs is not None else known
+    return start, (end if known is None else min(end, known))
+
+
+def _row_cut(row: dict, rel: str, cut_id: str, rec: Recording, start: float, end: float):
+    """A manifest row -> a cut of ``rec`` from ``start`` to ``end`` carrying label, text and speaker."""
+    label = (row.get("label") or "").strip()
+    sup = SupervisionSegment(
+        id=cut_id, recording_id=rec.id, start=0.0, duration=end - start,
+        text=(row.get("text") or "").strip() or None, speaker=(row.get("speaker") or "").strip() or None,
+        custom={"label": label} if label else None,
+    )
+    return MonoCut(id=cut_id, start=start, duration=end - start, channel=0, recording=rec, supervisions=[sup])
+
+
+def _unprobed_recording(rel: str, path: Path, end: float) -> Recording:
+    """A file's recording as the manifest describes it, without opening it. The rate is nominal
+    (16 kHz): svqmae reads files itself (:func:`read_span`), at their real rate, and resamples."""
+    return Recording(id=rel, sources=[AudioSource(type="file", channels=[0], source=str(path))],
+                     sampling_rate=16000, num_samples=compute_num_samples(end, 16000), duration=end)
+
+
+class LazyManifestCuts:
+    """The cuts of a TSV/CSV manifest with a ``seconds`` column, read row by row on every pass (for
+    ``CutSet(...)``: lazy, never whole in memory, no file opened until its audio is read)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __iter__(self):
+        with open(self.path, encoding="utf-8-sig", newline="") as f:
+            delim, header = _manifest_header(self.path, f.readline())
+            used: set[str] = set()
+            for i, values in enumerate(csv.reader(f, delimiter=delim)):
+                if not any(v.strip() for v in values):
+                    continue
+                row = dict(zip(header, values))
+                rel = _row_path(row, i, self.path)
+                start, end = _row_segment(row, f"{self.path}: row {i + 2}", None)
+                if end - start <= 0:
+                    continue
+                cut_id = rel if rel not in used else f"{rel}#{i + 2}"
+                used.add(cut_id)
+                yield _row_cut(row, rel, cut_id, _unprobed_recording(rel, self.path.parent / rel, end), start, end)
+
+    def __len__(self) -> int:
+        with open(self.path, "rb") as f:
+            return max(sum(1 for line in f if line.strip()) - 1, 0)
+
+
+def read_manifest(path: Path, problems: Problems, probe_files: bool = True) -> CutSet:
     """TSV or CSV with a header holding at least ``path`` (relative to the manifest's folder, or
-    absolute); optional ``label``, ``text``, ``speaker`` and ``start``/``end`` (seconds, for a
-    segment of the file). Each file is probed once however many segments it has."""
-    text = path.read_text(encoding="utf-8-sig")
+    absolute); optional ``label``, ``text``, ``speaker``, ``seconds`` and ``start``/``end`` (seconds,
+    for a segment of the file). Each file is probed once however many segments it has; with
+    ``probe_files=False`` and a ``seconds`` column no file is opened here (a bad one is found when
+    it is read), and a manifest over ``LAZY_MANIFEST_BYTES`` is read lazily."""
+    text = path.read_text(encoding="utf-8-sig") if probe_files or not _large(path) else None
+    if text is None:  # a large manifest: only its header is read here
+        with open(path, encoding="utf-8-sig") as f:
+            _, header = _manifest_header(path, f.readline())
+        if "seconds" in header:
+            return CutSet(LazyManifestCuts(path))
+        text = path.read_text(encoding="utf-8-sig")
     if not text.strip():
         raise DataError(f"{path}: empty manifest")
     lines = text.splitlines()
-    delim = "\t" if "\t" in lines[0] else ","
+    delim, header = _manifest_header(path, lines[0])
     reader = csv.DictReader(lines, delimiter=delim)
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    if "path" not in header:
-        raise DataError(f"{path}: manifest has no 'path' column (columns: {', '.join(header)})")
     rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
     if not rows:
         raise DataError(f"{path}: manifest has a header but no rows")
     root = path.parent
-    rels: dict[str, Path] = {}
-    for i, row in enumerate(rows):
-        rel = (row.get("path") or "").strip()
-        if not rel:
-            raise DataError(f"{path}: row {i + 2} has an empty 'path'")
-        rels.setdefault(rel, root / rel)
-    recs = _probe_all(list(rels.items()), problems)
+    rels = {_row_path(row, i, path): None for i, row in enumerate(rows)}
+    if not probe_files and "seconds" in header:
+        return CutSet.from_cuts(LazyManifestCuts(path))
+    recs = _probe_all([(rel, root / rel) for rel in rels], problems)
     cuts, used = [], set()
     for i, row in enumerate(rows):
         rel = row["path"].strip()
@@ -137,27 +276,15 @@ def read_manifest(path: Path, problems: Problems) -> CutSet:
         if rec is None:
             continue  # reported once per file by the probe
         where = f"{path}: row {i + 2}"
-        start = _seconds(row, "start", where) or 0.0
-        end = _seconds(row, "end", where)
-        end = rec.duration if end is None else min(end, rec.duration)
+        start, end = _row_segment(row, where, rec.duration)
         if end - start <= 0:
-            problems.add(str(rels[rel]), f"{where}: segment {start:g}-{end:g} s of {rels[rel]} is empty")
+            problems.add(str(root / rel), f"{where}: segment {start:g}-{end:g} s of {root / rel} is empty")
             continue
         cut_id = rel if rel not in used else f"{rel}#{i + 2}"
         used.add(cut_id)
-        label = (row.get("label") or "").strip()
-        sup = SupervisionSegment(
-            id=cut_id,
-            recording_id=rec.id,
-            start=0.0,
-            duration=end - start,
-            text=(row.get("text") or "").strip() or None,
-            speaker=(row.get("speaker") or "").strip() or None,
-            custom={"label": label} if label else None,
-        )
         cut = rec.to_cut().truncate(offset=start, duration=end - start, preserve_id=True)
         cut.id = cut_id
-        cut.supervisions = [sup]
+        cut.supervisions = _row_cut(row, rel, cut_id, rec, start, end).supervisions
         cuts.append(cut)
     return CutSet.from_cuts(cuts)
 
@@ -170,10 +297,19 @@ def _sibling(path: Path, this: str, other: str) -> Path | None:
     return p if p.is_file() else None
 
 
-def read_lhotse(path: Path, problems: Problems) -> CutSet:
+def read_lhotse(path: Path, problems: Problems, lazy: bool = False) -> CutSet:
     """A lhotse CutSet, or a RecordingSet / SupervisionSet whose partner manifest lies next to it
     (``*recordings*`` <-> ``*supervisions*``). Cuts are trimmed to their supervisions; cuts whose
-    audio file is missing go to ``problems``."""
+    audio file is missing go to ``problems``. With ``lazy``, a CutSet manifest over
+    ``LAZY_MANIFEST_BYTES`` is opened lazily (read cut by cut on every pass; a missing file is found
+    when it is read)."""
+    if lazy and _large(path) and path.name.endswith((".jsonl", ".jsonl.gz")):
+        try:
+            first = next(iter(CutSet.from_jsonl_lazy(path)))
+        except Exception as e:
+            first = e
+        if isinstance(first, Cut):
+            return CutSet.from_jsonl_lazy(path)
     try:
         m = load_manifest(path)
     except Exception as e:
@@ -202,41 +338,56 @@ def read_lhotse(path: Path, problems: Problems) -> CutSet:
     return CutSet.from_cuts(cuts)
 
 
-def load_source(src: str | Path, problems: Problems | None = None) -> CutSet:
-    """Any supported source -> CutSet (eager).
+def load_source(src: str | Path, problems: Problems | None = None, cache: Path | None = None) -> CutSet:
+    """Any supported source -> CutSet.
 
-    With ``problems`` (lenient, for pre-training) unreadable files are recorded there and left out;
-    without it (strict, for evaluation sets) the first problem is a ``DataError`` naming the file."""
+    With ``problems`` (lenient, for training) unreadable files are recorded there and left out, a
+    manifest with a ``seconds`` column is not probed, and a large manifest is read lazily; without it
+    (strict, for evaluation sets) every file is probed and the first problem is a ``DataError``
+    naming the file. ``cache``: where a folder's probe is kept (see :func:`scan_folder`). A Shar
+    directory is read whole here (its audio in memory): training streams it instead
+    (:mod:`svqmae.data.shar`)."""
     p = Path(src)
     strict = problems is None
     problems = problems if problems is not None else Problems()
-    if not p.exists():
+    if is_shar(src):
+        cuts = read_shar(src, problems)
+    elif not p.exists():
         raise DataError(f"{p}: data source not found")
-    if p.is_dir():
-        cuts = scan_folder(p, problems)
+    elif p.is_dir():
+        cuts = scan_folder(p, problems, cache)
     elif p.name.endswith((".jsonl", ".jsonl.gz", ".json")):
-        cuts = read_lhotse(p, problems)
+        cuts = read_lhotse(p, problems, lazy=not strict)
     elif p.suffix.lower() in (".tsv", ".csv", ".txt"):
-        cuts = read_manifest(p, problems)
+        cuts = read_manifest(p, problems, probe_files=strict)
     elif p.suffix.lower() in AUDIO_EXTENSIONS:
         cuts = CutSet.from_cuts(rec.to_cut() for rec in _probe_all([(p.stem, p)], problems).values())
     else:
-        raise DataError(f"{p}: unknown source kind (a folder, a .tsv/.csv manifest or a lhotse .jsonl.gz)")
+        raise DataError(f"{p}: unknown source kind (a folder, a Shar directory, a .tsv/.csv manifest or a "
+                        f"lhotse .jsonl.gz)")
     if strict and len(problems):
         raise DataError(problems.items[0][1])
-    if len(cuts) == 0:
+    if not cuts.is_lazy and len(cuts) == 0:
         raise DataError(f"{p}: no usable audio")
     return cuts
 
 
-def load_sources(srcs: list[str | Path], problems: Problems) -> CutSet:
-    """Several sources as one CutSet; ids are prefixed by the source's position where two sources
-    would otherwise share an id."""
-    sets = [load_source(s, problems) for s in srcs]
+def load_sources(srcs: list[str | Path], problems: Problems, cache: Path | None = None) -> CutSet:
+    """Several sources as one CutSet (lazy if any of them is); ids are prefixed by the source's
+    position where two sources would otherwise share an id (lazy sources: always, if several)."""
+    sets = [load_source(s, problems, cache) for s in srcs]
+    if len(sets) == 1:
+        return sets[0]
+    if any(cs.is_lazy for cs in sets):
+        return CutSet(LazyIteratorChain(*[cs.map(partial(_prefixed, k)) for k, cs in enumerate(sets)]))
     ids = [c.id for cs in sets for c in cs]
     if len(set(ids)) == len(ids):
         return CutSet.from_cuts(c for cs in sets for c in cs)
     return CutSet.from_cuts(c.with_id(f"{k}:{c.id}") for k, cs in enumerate(sets) for c in cs)
+
+
+def _prefixed(k: int, cut):
+    return cut.with_id(f"{k}:{cut.id}")
 
 
 def _first_line(e: Exception) -> str:
@@ -249,17 +400,6 @@ def _first_line(e: Exception) -> str:
 MANIFEST_COLUMNS = ("path", "seconds", "speaker", "label", "text", "start", "end")
 
 
-def cut_fields(cut) -> dict:
-    """A cut's ``label``, ``text`` and ``speaker`` (from its first supervision), '' where absent."""
-    sup = cut.supervisions[0] if cut.supervisions else None
-    custom = (sup.custom or {}) if sup is not None else {}
-    return {
-        "label": str(custom.get("label", "") or ""),
-        "text": (sup.text or "") if sup is not None else "",
-        "speaker": (sup.speaker or "") if sup is not None else "",
-    }
-
-
 def write_manifest(rows, path: str | Path) -> Path:
     """Rows (dicts; ``path`` absolute or relative to the manifest's folder) -> a TSV manifest with
     the columns of :data:`MANIFEST_COLUMNS` that any row fills, in that order."""
@@ -267,7 +407,7 @@ def write_manifest(rows, path: str | Path) -> Path:
     rows = list(rows)
     cols = [c for c in MANIFEST_COLUMNS if c == "path" or any(str(r.get(c, "") or "") for r in rows)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = private_tmp(path, ".tsv")
     with open(tmp, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(cols)
@@ -306,6 +446,7 @@ class SourceReport:
     with_text: int
     problems: Problems
     min_seconds: float
+    shards: int | None = None  # a Shar source's shard count
 
     @property
     def count(self) -> int:
@@ -317,7 +458,8 @@ class SourceReport:
 
     def summary(self) -> str:
         d = sorted(self.durations)
-        lines = [f"{self.source}: {self.count} usable utterances, {self.hours:.3f} h"]
+        lines = [f"{self.source}: {self.count} usable utterances, {self.hours:.3f} h"
+                 + (f" in {self.shards} Shar shards" if self.shards is not None else "")]
         if d:
             q = np.percentile(d, [50, 90])
             lines.append(f"  durations: min {d[0]:.2f} s, median {q[0]:.2f} s, 90% {q[1]:.2f} s, max {d[-1]:.2f} s; "
@@ -337,9 +479,51 @@ def _counts(c: Counter, unit: str) -> str:
     return ", ".join(f"{k}{unit} x{n}" for k, n in sorted(c.items(), key=lambda kv: (-kv[1], str(kv[0])))) or "-"
 
 
+def _encoding(data: bytes) -> str:
+    return {b"fLaC": "FLAC in Shar", b"OggS": "OGG in Shar", b"RIFF": "WAV in Shar"}.get(data[:4], "other in Shar")
+
+
+def check_shar(src, decode: bool = True, min_seconds: float = 0.5):
+    """``svqmae data check`` of a Shar source: every shard read to its end (with ``decode`` every
+    audio member decoded too), the cut count checked against the index. -> SourceReport."""
+    shar = open_shar(src)
+    problems = Problems()
+    rep = SourceReport(str(src), [], Counter(), Counter(), Counter(), Counter(), set(), 0, problems, min_seconds)
+    rep.shards = len(shar.shards)
+    for shard, expected in zip(shar.shards, shar.counts):
+        n = 0
+        try:
+            for _, cut in iter_shard(shard):
+                n += 1
+                if decode:
+                    try:
+                        read_audio_bytes(cut.recording.sources[0].source, cut_path(cut), SAMPLE_RATE)
+                    except AudioError as e:
+                        problems.add(cut_path(cut), str(e))
+                        continue
+                f = cut_fields(cut)
+                rep.durations.append(cut.duration)
+                rep.rates[cut.sampling_rate] += 1
+                rep.channels[len(cut.recording.channel_ids)] += 1
+                rep.encodings[_encoding(cut.recording.sources[0].source)] += 1
+                if f["label"]:
+                    rep.labels[f["label"]] += 1
+                if f["speaker"]:
+                    rep.speakers.add(f["speaker"])
+                rep.with_text += bool(f["text"])
+        except SHARD_ERRORS as e:
+            problems.add(*shard_error(shard, e))
+            continue
+        if expected is not None and n != expected:
+            problems.add(shard["recording"], f"{shard['recording']}: {n} cuts, the index says {expected}")
+    return rep
+
+
 def check_source(src: str | Path, decode: bool = True, min_seconds: float = 0.5, workers: int = 8) -> SourceReport:
     """Scan a source leniently; with ``decode`` every file is decoded in full, so truncated files
     and NaN samples are found too (not only unreadable headers)."""
+    if is_shar(src):
+        return check_shar(src, decode, min_seconds)
     problems = Problems()
     try:
         cuts = load_source(src, problems)
@@ -380,16 +564,15 @@ def check_source(src: str | Path, decode: bool = True, min_seconds: float = 0.5,
 # --------------------------------------------------------------------------- batching
 
 
-def cut_path(cut) -> str:
-    return cut.recording.sources[0].source
-
-
 def read_span(cut, offset: float, duration: float, sample_rate: int = 16000) -> np.ndarray:
     """``duration`` seconds of ``cut``'s recording from ``offset``, mono float32 at ``sample_rate``.
-    Files are read directly (fast path); other lhotse sources (URLs, commands, memory) via lhotse."""
+    Files and Shar audio are decoded directly (fast path); other lhotse sources (URLs, commands)
+    via lhotse."""
     src = cut.recording.sources[0]
     if src.type == "file":
         return read_audio(src.source, sample_rate, offset=offset, duration=duration)
+    if src.type == "memory" and isinstance(src.source, bytes):
+        return read_audio_bytes(src.source, cut_path(cut), sample_rate, offset=offset, duration=duration)
     try:
         x = cut.recording.load_audio(offset=offset, duration=duration)
     except Exception as e:
@@ -405,5 +588,3 @@ def load_cut(cut, sample_rate: int = 16000) -> np.ndarray:
     return read_span(cut, cut.start, cut.duration, sample_rate)
 
 
-def stable_hash(s: str) -> int:
-    return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little")

@@ -15,9 +15,27 @@ speaker-disjoint and the test voices unheard. Four tasks, each with ``train.tsv`
   ``angry``) made from pitch level, pitch range, rate and loudness; ``label`` is the style.
 
 ``pretrain.tsv`` at the top lists every train-split file (the unlabeled pre-training set).
-Everything is a pure function of ``seed`` and ``minutes``: eSpeak's random generator is seeded per
-utterance, and utterances are rendered in fixed shards, each by a fresh process, so its internal
-state never depends on how many workers ran.
+
+Everything, audio bytes included, is a pure function of ``seed`` and ``minutes``. eSpeak NG is not
+that by itself, for three reasons, each handled in :class:`ESpeak`:
+
+- Its own random generator (pitch flutter, Klatt noise) is seeded per utterance
+  (``espeak_ng_SetRandSeed``).
+- The ``klatt 6`` voice variants (``caleb``, ``adam``, ``Reed``, ``benjamin``, ``david``: eSpeak's
+  speechPlayer back end) take their aspiration and frication noise from the C library's
+  ``rand()``, which eSpeak never seeds: a process-wide state that anything in the process may draw
+  from or reseed (``libuuid`` reseeds it with time ^ pid; torch, onnxruntime, grpc and Pillow link
+  ``rand`` too), and that a forked worker inherits from its parent. One draw from it anywhere in
+  the parent between two runs changed those files, e.g. ``keywords-00027.flac`` (``caleb``) in the
+  0.5-minute test corpus. So ``rand()`` is reseeded (``srand``) with the utterance's seed just before
+  each synthesis; a worker process has no other thread that could draw from it in between.
+- Its synthesis state carries from one utterance to the next (pitch-flutter phase, Klatt filter
+  and echo memories live in static variables, which ``espeak_Terminate``/``espeak_Initialize``
+  do not reset), so an utterance depends on what the same library copy rendered before. Utterances
+  are therefore rendered in fixed shards, in order, each shard by a fresh engine; and every engine
+  loads its own private copy of ``libespeak-ng`` (a copied file is a new library to the dynamic
+  loader, with fresh statics), so it never starts from state that the parent process, or another
+  engine in the same process, left behind (a forked worker would otherwise inherit it).
 """
 
 from __future__ import annotations
@@ -27,7 +45,9 @@ import json
 import multiprocessing as mp
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +57,7 @@ import numpy as np
 from .audio import resample, write_audio
 from .sources import DataError, write_manifest
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: klatt 6 voices seeded per utterance (their files changed)
 SAMPLE_RATE = 16000
 N_SHARDS = 8
 TEST_EVERY = 4  # every 4th utterance (and 1 voice variant in 4) is test
@@ -197,7 +217,9 @@ def plan(minutes: float, seed: int) -> list[Utterance]:
 
 
 class ESpeak:
-    """eSpeak NG in this process (the library keeps global state: one per process)."""
+    """eSpeak NG in this process, on a private copy of the library (see the module docstring): its
+    state depends only on what this engine rendered, never on other engines or the parent process.
+    Use as a context manager, or call :meth:`close`, to unload it."""
 
     _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
     _RATE, _VOLUME, _PITCH, _RANGE = 1, 2, 3, 4  # espeak_PARAMETER
@@ -208,9 +230,11 @@ class ESpeak:
             import espeakng_loader
         except ImportError:
             raise RuntimeError("the demo corpus needs eSpeak NG: pip install espeakng-loader") from None
-        self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self.lib = self._private_copy(Path(espeakng_loader.get_library_path()))
+        self._libc_srand = self._find_srand()
         self.lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         self.lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        self.lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
         self.sample_rate = self.lib.espeak_Initialize(self._SYNCHRONOUS, 0,
                                                       espeakng_loader.get_data_path().encode(), 0)
         if self.sample_rate <= 0:
@@ -225,19 +249,67 @@ class ESpeak:
         self._cb = self._CALLBACK(collect)  # keep a reference: the library calls it
         self.lib.espeak_SetSynthCallback(self._cb)
 
+    @staticmethod
+    def _private_copy(path: Path) -> ctypes.CDLL:
+        """Load a fresh instance of the shared library: the dynamic loader shares an already loaded
+        file (its static variables included), but a copy at another path is another library. Where
+        no copy can be loaded (a ``noexec`` temporary folder) this falls back to the shared one,
+        which is fresh too in a worker process whose parent never used eSpeak."""
+        tmp = tempfile.mkdtemp(prefix="svqmae-espeak-")
+        try:
+            copy = Path(tmp) / f"{Path(tmp).name}-{path.name}"  # a unique name too (Windows)
+            shutil.copyfile(path, copy)
+            return ctypes.CDLL(str(copy), mode=getattr(os, "RTLD_LOCAL", 0))
+        except OSError:
+            return ctypes.CDLL(str(path))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # the mapping outlives the file (POSIX)
+
+    @staticmethod
+    def _find_srand():
+        """The C library's ``srand`` (the ``klatt 6`` voices' noise comes from its ``rand()``)."""
+        try:
+            f = ctypes.CDLL(None).srand
+        except (AttributeError, OSError, TypeError):  # no process-wide C library handle (Windows)
+            return None
+        f.argtypes, f.restype = [ctypes.c_uint], None
+        return f
+
     def say(self, text: str, voice: str, rate: int, pitch: int, range_: int, volume: int, seed: int) -> np.ndarray:
         """Synthesize ``text``; float32 mono at ``self.sample_rate``."""
+        if self.lib is None:
+            raise RuntimeError("this eSpeak NG engine is closed")
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise RuntimeError(f"eSpeak NG has no voice {voice!r}")
         for param, value in ((self._RATE, rate), (self._PITCH, pitch), (self._RANGE, range_), (self._VOLUME, volume)):
             self.lib.espeak_SetParameter(param, int(value), 0)
         self.lib.espeak_ng_SetRandSeed(seed)
+        if self._libc_srand is not None:
+            self._libc_srand(seed & 0xFFFFFFFF)
         self._chunks = []
         data = text.encode("utf-8")
         self.lib.espeak_Synth(data, len(data) + 1, 0, self._POS_CHARACTER, 0, self._CHARS_UTF8, None, None)
         self.lib.espeak_Synchronize()
         x = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
+        self._chunks = []
         return x.astype(np.float32) / 32768.0
+
+    def close(self) -> None:
+        """Shut the engine down and unload its copy of the library."""
+        lib, self.lib = self.lib, None
+        if lib is None:
+            return
+        import _ctypes
+
+        lib.espeak_Terminate()
+        if hasattr(_ctypes, "dlclose"):  # POSIX
+            _ctypes.dlclose(lib._handle)
+
+    def __enter__(self) -> ESpeak:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------- rendering
@@ -293,10 +365,14 @@ def _render_shard(job: tuple[str, list[Utterance]]) -> list[tuple[str, int, floa
     out_dir, items = job
     engine = ESpeak() if any(not u.silence for u in items) else None
     done = []
-    for u in items:
-        x = render(u, engine)
-        write_audio(Path(out_dir) / u.task / u.path, x, SAMPLE_RATE)
-        done.append((u.task, u.index, x.size / SAMPLE_RATE))
+    try:
+        for u in items:
+            x = render(u, engine)
+            write_audio(Path(out_dir) / u.task / u.path, x, SAMPLE_RATE)
+            done.append((u.task, u.index, x.size / SAMPLE_RATE))
+    finally:
+        if engine is not None:
+            engine.close()
     return done
 
 

@@ -11,11 +11,16 @@ from ..config import ConfigError
 from .faults import parse_fault
 
 
+def add_set_arg(p: argparse.ArgumentParser,
+                help: str = "override any config field, e.g. --set model.encoder.layers=6 (repeatable)") -> None:
+    """``--set KEY=VALUE`` (repeatable): config overrides, applied after presets and YAML files."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(C.PRESETS), help="model size preset (default: base)")
     p.add_argument("--config", action="append", default=[], metavar="YAML", help="YAML overrides (repeatable)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, e.g. --set model.encoder.layers=6 (repeatable)")
+    add_set_arg(p)
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:

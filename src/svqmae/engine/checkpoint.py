@@ -98,9 +98,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 ) from None
             raise TrainingAborted(f"{path}: could not write the checkpoint ({e}); earlier checkpoints are intact") from None
         finally:
-            for t in (tmp, sidecar(path).with_name(f".{sidecar(path).name}.tmp")):
-                if t.exists():
-                    t.unlink()
+            if tmp.exists():
+                tmp.unlink()
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         return load_checkpoint(path, map_location)

@@ -47,6 +47,12 @@ class EngineModule(pl.LightningModule):
         super().__init__()
         self.t = t
         self.data_pos = (0, -1)  # (epoch, index) of the last batch trained on, for exact resume
+        # streamed (Shar) data: this rank's {loader worker: (epoch, unit, offset)} read position after
+        # its last batch trained on, and every rank's positions from the checkpoint resumed from
+        self.streamed = False
+        self.stream_pos: dict[int, tuple[int, int, int]] = {}
+        self.stream_layout: list[int] | None = None
+        self.stream_saved: list[dict] | None = None
         self.fault_specs = parse_faults(t.inject_faults)
         self.faults_record = faults_record
         self.faults: FaultInjector | None = None
@@ -83,6 +89,10 @@ class EngineModule(pl.LightningModule):
         # dropout and masks are pure functions of (seed, step, rank, micro-batch): resume-exact
         torch.manual_seed((self.t.seed + 1) * 7919 + step * 131 + rank * 17 + micro)
         self.data_pos = (batch["epoch"], batch["index"])
+        if "stream" in batch:
+            st = batch["stream"]
+            self.stream_pos[int(st["worker"])] = tuple(int(x) for x in st["pos"])
+            self.stream_layout = [int(x) for x in st["layout"]]
         return step, rank, micro, faults
 
     def empty_step(self) -> torch.Tensor:
@@ -144,9 +154,30 @@ class EngineModule(pl.LightningModule):
         checkpoint[self.CONFIG_KEY] = self.checkpoint_config()
         checkpoint["data_pos"] = list(self.data_pos)
         checkpoint["train_seconds"] = self.clock.elapsed()  # a resumed run continues the time budget's clock
+        if self.streamed:  # every rank calls this together (Trainer.save_checkpoint): gather their positions
+            mine = self._stream_state()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                every = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(every, mine)
+            else:
+                every = [mine]
+            checkpoint["data_stream"] = every
+
+    def _stream_state(self) -> dict:
+        """This rank's stream positions: those of the batches trained on since the resume, over the
+        resumed checkpoint's for workers that delivered none since (same job layout only)."""
+        saved = self.stream_saved[self.global_rank] if self.stream_saved and self.global_rank < len(self.stream_saved) else None
+        if saved is not None and (self.stream_layout is None or list(saved["layout"]) == self.stream_layout):
+            workers = {int(w): list(p) for w, p in saved["workers"].items()}
+            layout = list(saved["layout"])
+        else:
+            workers, layout = {}, self.stream_layout
+        workers.update({w: list(p) for w, p in self.stream_pos.items()})
+        return {"layout": layout, "workers": workers}
 
     def on_load_checkpoint(self, checkpoint):
         self.data_pos = tuple(checkpoint.get("data_pos", (0, -1)))
+        self.stream_saved = checkpoint.get("data_stream")
         self.clock.offset = float(checkpoint.get("train_seconds", 0.0))
 
 

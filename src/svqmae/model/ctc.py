@@ -48,6 +48,8 @@ class CTCModel(nn.Module):
     those of :class:`SVQMAE` without its decoder (plus ``ctc_head``), so the saved weights also load
     as a plain encoder with ``svqmae.load``."""
 
+    HEAD = ("ctc_head.", "layer_weights")  # parameter-name prefixes of the head: what trains while the encoder is frozen
+
     def __init__(self, cfg: FinetuneConfig, vocab_size: int, backbone: str = "svqmae",
                  encoder: SVQMAE | None = None):
         super().__init__()
@@ -60,8 +62,17 @@ class CTCModel(nn.Module):
             if encoder is not None:
                 enc.load_state_dict(encoder.state_dict())
             self.frontend, self.quantizer, self.embed, self.encoder = enc.frontend, enc.quantizer, enc.embed, enc.encoder
+            self.level_embed = enc.level_embed
+            if cfg.model.features.level_state:  # unused by CTC; kept so that the encoder in a recognizer is whole
+                self.register_buffer("level_proj", enc.level_proj)
             dim = cfg.model.encoder.dim
+            if encoder is not None and cfg.ctc.reinit_top:
+                self.reinit_top(cfg.ctc.reinit_top)
+            if cfg.ctc.layer_sum:  # one weight per hidden state: the embedding and each block
+                self.layer_weights = nn.Parameter(torch.zeros(cfg.model.encoder.layers + 1))
         else:
+            if cfg.ctc.layer_sum:  # (ctc.reinit_top, like freezing, means nothing without a pre-trained encoder)
+                raise ConfigError("ctc.layer_sum is for the svqmae backbone, not the filterbank BiLSTM baseline")
             dim = cfg.ctc.lstm_dim or cfg.model.encoder.dim
             self.frontend = FilterbankFrontend(f)
             self.lstm_in = nn.Sequential(nn.Linear(f.n_mels * f.stack, dim), nn.LayerNorm(dim))
@@ -71,13 +82,18 @@ class CTCModel(nn.Module):
         self.ctc_head = nn.Linear(dim, vocab_size * cfg.ctc.upsample)
         init_weights(self.ctc_head)
 
+    def reinit_top(self, n: int) -> None:
+        """Random weights for the top ``n`` blocks and the final norm (``ctc.reinit_top``)."""
+        blocks = self.encoder.blocks
+        if not 0 < n <= len(blocks):
+            raise ConfigError(f"ctc.reinit_top={n}: the encoder has {len(blocks)} blocks")
+        for block in blocks[len(blocks) - n:]:
+            block.apply(init_weights)
+        self.encoder.norm.apply(init_weights)
+
     @property
     def downsample_rate(self) -> int:
         return self.frontend.hop * self.cfg.model.features.stack // self.cfg.ctc.upsample
-
-    def encoder_parameters(self):
-        """What ``ctc.freeze_steps`` freezes: everything before the head."""
-        return [p for n, p in self.named_parameters() if not n.startswith("ctc_head")]
 
     def frames(self, num_samples: torch.Tensor) -> torch.Tensor:
         """CTC output frames for utterances of ``num_samples`` samples."""
@@ -87,18 +103,23 @@ class CTCModel(nn.Module):
                 freeze: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """waves (B, S) 16 kHz, lengths (B,) samples -> CTC log-probabilities (B, T*k, V) float32 and (B,)
         frame counts. ``generator`` turns SpecAugment on; ``freeze`` runs the backbone without gradients."""
-        tokens, tok_len = self.frontend(waves, lengths)  # (B, T, C)
+        tokens, tok_len, level = self.frontend(waves, lengths, with_level=True)  # (B, T, C), (B,), (B, 2F)
         if generator is not None:
             tokens = spec_augment(tokens, tok_len, self.cfg.specaug, self.cfg.model.features.stack, generator)
         B, T, _ = tokens.shape
         with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze):
             if self.backbone == "svqmae":
                 pos = torch.arange(T, device=tokens.device).expand(B, T)
-                h = self.encoder(self.embed(tokens), pos, ~padding_mask(tok_len, T))[-1]  # (B, T, D)
+                valid = ~padding_mask(tok_len, T)
+                hidden = self.encoder(SVQMAE.embed_tokens(self, tokens, level[:, None], valid), pos, valid)  # L+1 x (B, T, D)
+                h = hidden[-1]
             else:
                 packed = nn.utils.rnn.pack_padded_sequence(self.lstm_in(tokens), tok_len.clamp_min(1).cpu(),
                                                            batch_first=True, enforce_sorted=False)
                 h = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=T)[0]
+        if self.cfg.ctc.layer_sum:  # outside the freeze: the weights always train (svqmae backbone only)
+            w = self.layer_weights.softmax(0)
+            h = sum(w[i] * nn.functional.layer_norm(x, x.shape[-1:]) for i, x in enumerate(hidden))
         k = self.cfg.ctc.upsample
         logits = self.ctc_head(self.head_drop(h)).view(B, T * k, self.vocab_size)
         return logits.float().log_softmax(-1), tok_len * k

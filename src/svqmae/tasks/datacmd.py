@@ -1,4 +1,5 @@
-"""``svqmae data prepare|download|check|synth``: corpora, manifests and the built-in demo corpus."""
+"""``svqmae data prepare|download|check|synth|shard``: corpora, manifests, the built-in demo corpus and
+Shar directories for corpus-scale training."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def cmd_check(args) -> None:
             "source": rep.source, "utterances": rep.count, "hours": rep.hours,
             "sample_rates": dict(rep.rates), "channels": dict(rep.channels), "labels": dict(rep.labels),
             "speakers": len(rep.speakers), "problems": [{"path": p, "reason": r} for p, r in rep.problems.items],
+            **({"shards": rep.shards} if rep.shards is not None else {}),
         })
     if args.json:
         Path(args.json).write_text(json.dumps(reports, indent=1, ensure_ascii=False))
@@ -61,6 +63,13 @@ def cmd_synth(args) -> None:
     for task, splits in s["tasks"].items():
         for split, t in splits.items():
             print(f"{task:<10} {split:<6} {t['utterances']:>6} {t['minutes']:>8.2f} {t['speakers']:>9}")
+
+
+def cmd_shard(args) -> None:
+    from ..data.shar_writer import write_shar
+
+    write_shar(args.src, args.out, shard_seconds=args.shard_seconds, audio_format=args.audio_format,
+               workers=args.workers, seed=args.seed, progress=not args.quiet, log=print)
 
 
 def add_cli(sub) -> None:
@@ -86,13 +95,26 @@ def add_cli(sub) -> None:
     q.add_argument("--remove-archives", action="store_true", help="delete the archives after extraction")
     q.set_defaults(func=cmd_download)
 
-    q = dsub.add_parser("check", help="scan sources: counts, hours, durations, rates, channels, every problem file")
-    q.add_argument("src", nargs="+", metavar="SRC", help="folder, TSV/CSV manifest or lhotse manifest")
+    q = dsub.add_parser("check", help="scan sources: counts, hours, durations, rates, channels, every problem file "
+                        "(a Shar directory: also its shards, each read to its end)")
+    q.add_argument("src", nargs="+", metavar="SRC", help="folder, TSV/CSV manifest, lhotse manifest or Shar directory")
     q.add_argument("--headers-only", action="store_true", help="read headers only (fast; misses truncated/NaN files)")
     q.add_argument("--min-seconds", type=float, default=0.5, help="count utterances shorter than this")
     q.add_argument("--strict", action="store_true", help="exit with an error if any file has a problem")
     q.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     q.set_defaults(func=cmd_check)
+
+    q = dsub.add_parser("shard", help="write sources as a lhotse Shar directory (audio in tar shards) for "
+                        "streamed, corpus-scale training; rerun to continue an interrupted run")
+    q.add_argument("src", nargs="+", metavar="SRC", help="folder, TSV/CSV manifest or lhotse manifest")
+    q.add_argument("--out", required=True, metavar="DIR")
+    q.add_argument("--shard-seconds", type=float, default=1800.0,
+                   help="about this much audio per shard (default 1800 = 30 min, ~40 MB of FLAC)")
+    q.add_argument("--audio-format", choices=["flac", "opus"], default="flac")
+    q.add_argument("--workers", type=int, default=1, help="shards written in parallel (processes)")
+    q.add_argument("--seed", type=int, default=0, help="the order of the cuts over the shards")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_shard)
 
     q = dsub.add_parser("synth", help="synthesize the built-in demo corpus with eSpeak NG")
     q.add_argument("--out", required=True, metavar="DIR")

@@ -55,13 +55,17 @@ TASKS = (  # (evaluate task, corpus folder, what the table calls it)
 )
 
 
-def run_demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
+def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overrides: tuple[str, ...] = ()) -> dict:
+    """``overrides``: ``key=value`` settings on top of the demo's own (e.g. to try a model option on
+    the demo, or ``train.max_minutes=1e9`` for a step budget that does not depend on the machine's load)."""
     from .. import config as C
     from ..data.synth import synthesize
     from ..engine.plots import read_metrics
     from .pretrain import pretrain
 
     s = QUICK if quick else FULL
+    # resolved first: a bad --set fails before minutes of synthesis, not after
+    cfg = C.resolve("tiny", overrides=[*s.overrides, f"train.seed={seed}", *overrides])
     out = Path(out)
     t0 = time.monotonic()
     _log(f"== 1/3 demo corpus ({s.minutes:g} min of synthetic speech)")
@@ -69,7 +73,6 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
     corpus = out / "corpus"
 
     _log("== 2/3 pre-training a tiny SVQ-MAE on the unlabeled train split")
-    cfg = C.resolve("tiny", overrides=[*s.overrides, f"train.seed={seed}"])
     run = out / "pretrain"
     model_dir = pretrain([str(corpus / "pretrain.tsv")], run, cfg)
     metrics = read_metrics(run)
@@ -93,7 +96,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
                                 else str(rep["upstream"])})
 
     summary = {
-        "quick": quick, "seed": seed, "minutes_of_audio": round(corpus_info["hours"] * 60, 1),
+        "quick": quick, "seed": seed, "overrides": list(overrides), "minutes_of_audio": round(corpus_info["hours"] * 60, 1),
         "pretrain": _pretrain_summary(train_rows, metrics), "results": results,
         "seconds": round(time.monotonic() - t0, 1), "model": str(model_dir),
     }
@@ -187,12 +190,15 @@ def _plots(out: Path, run: Path, rows: list[dict], results: list[dict]) -> list[
 
 
 def cmd_demo(args) -> None:
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    run_demo(args.out, quick=args.quick, seed=args.seed, overrides=tuple(args.set))
 
 
 def add_cli(sub) -> None:
+    from ..engine.args import add_set_arg
+
     p = sub.add_parser("demo", help="synthesize a corpus, pre-train a tiny model, evaluate it (what `make demo` runs)")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="everything goes here (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a smoke test in under a minute (tiny corpus and model)")
     p.add_argument("--seed", type=int, default=0)
+    add_set_arg(p, "override a pre-training setting on top of the demo's (repeatable)")
     p.set_defaults(func=cmd_demo)

@@ -5,9 +5,9 @@
 
     - inputs: ``waves`` float32 ``(B, S)`` 16 kHz zero-padded waveforms, ``lengths`` int64 ``(B,)`` real
       samples per row; batch and length are dynamic (the longest row needs at least 640 samples);
-    - outputs: ``hidden_states`` float32 ``(L + 1, B, T, D)`` (input embedding + one per layer, the
-      same as ``model.extract``), ``token_lengths`` int64 ``(B,)``; ``T = (S + 80) // 640`` for the
-      default 25 Hz tokens; rows ``t >= token_lengths[b]`` are padding.
+    - outputs: ``hidden_states`` float32 ``(num_states, B, T, D)`` (the same as ``model.extract``:
+      [the utterance's level,] the input embedding, one per layer), ``token_lengths`` int64 ``(B,)``;
+      ``T = (S + 80) // 640`` for the default 25 Hz tokens; rows ``t >= token_lengths[b]`` are padding.
 
     The filterbank front end is in the graph (waveform in): :class:`MatmulLogFilterBank`, lhotse's
     Kaldi fbank with frames gathered by index and the FFT as a matrix product with a DFT basis. The
@@ -68,7 +68,7 @@ class MatmulLogFilterBank(nn.Module):
 
 
 class OnnxEncoder(nn.Module):
-    """``(waves, lengths) -> (hidden_states (L+1, B, T, D), token_lengths (B,))``, for export.
+    """``(waves, lengths) -> (hidden_states (num_states, B, T, D), token_lengths (B,))``, for export.
 
     A fresh encoder-only copy of ``model`` (the original is left untouched) whose front end uses
     :class:`MatmulLogFilterBank`."""
@@ -119,9 +119,9 @@ def export_onnx(model: SVQMAE | str | Path, out: str | Path, opset: int = 18, dy
                           input_names=INPUTS, output_names=OUTPUTS, **kwargs)
     proto = onnx.load(str(out))
     meta = {"producer": "svqmae", "sample_rate": sr, "downsample_rate": model.downsample_rate,
-            "num_hidden_states": model.cfg.encoder.layers + 1, "hidden_size": model.cfg.encoder.dim,
+            "num_hidden_states": model.num_states, "hidden_size": model.cfg.encoder.dim,
             "inputs": "waves float32 (B,S) 16 kHz zero-padded; lengths int64 (B,) samples",
-            "outputs": "hidden_states float32 (L+1,B,T,D); token_lengths int64 (B,)"}
+            "outputs": "hidden_states float32 (num_hidden_states,B,T,D); token_lengths int64 (B,)"}
     onnx.helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})
     onnx.save(proto, str(out))
     return out

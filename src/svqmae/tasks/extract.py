@@ -8,7 +8,10 @@
     - ``--format npz``: ``DIR/features/<id>.npz`` with one ``(T, D)`` float32 array per selected
       layer, named ``layer_<i>``.
 
-    Layer 0 is the input embedding, layer i the output of encoder block i (the last one final-normed).
+    The states are those of ``model.extract``: the input embedding, then the output of each encoder
+    block (the last one final-normed); with ``model.features.level_state`` (the default since it was
+    added) the utterance's level comes first (:meth:`svqmae.model.SVQMAE.level_to_state`), so that layer 0
+    is the level and layer i + 1 block i. ``-1`` is always the top block.
     ``T`` is the utterance's real token count (padding is cut off), ``downsample_rate`` samples each.
     ``index.tsv`` has one row per utterance: ``id file path seconds tokens`` (``file``: the features,
     relative to DIR; ``path``: the audio) + ``label text speaker`` when the source has them;
@@ -104,7 +107,7 @@ def extract_features(
         raise C.ConfigError(f"--format {fmt!r}: expected npy or npz")
     dev = _device(device)
     model = SVQMAE.from_pretrained(model_path, device=dev)
-    num_states = model.cfg.encoder.layers + 1
+    num_states = model.num_states
     chosen = parse_layers(layers, num_states)
     problems = Problems()
     cuts = load_sources(list(sources), problems).sort_by_duration(ascending=False)
@@ -174,8 +177,8 @@ def add_cli(sub) -> None:
     p.add_argument("--data", action="append", required=True, metavar="SRC",
                    help="folder of audio, TSV/CSV manifest or lhotse manifest (repeatable)")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--layers", default="all", help="'all' (default) or comma-separated indices, 0 = input "
-                   "embedding, -1 = last layer, e.g. 6,12")
+    p.add_argument("--layers", default="all", help="'all' (default) or comma-separated indices of model.extract's "
+                   "states (0 = the level, or the input embedding in models without it; -1 = the top block), e.g. 6,-1")
     p.add_argument("--format", choices=["npy", "npz"], default="npy",
                    help="npy: one (L,T,D) array per utterance; npz: one (T,D) array per layer per utterance")
     p.add_argument("--batch-seconds", type=float, default=60.0, help="audio seconds per batch (default 60)")

@@ -6,6 +6,8 @@ as pre-training (:mod:`svqmae.engine`: Lightning, atomic checksummed periodic ch
 rerunning the same command, bf16 on GPU, DDP, accumulation, clipping), with:
 
 * the encoder frozen (only the head trains) for the first ``ctc.freeze_steps`` optimizer steps;
+* the encoder's learning rate a share of the head's (``ctc.encoder_lr_ratio``), optionally decaying
+  layer by layer towards the input (``ctc.layer_decay``): see :func:`lr_scales`;
 * SpecAugment-style time and frequency masking of the filterbank tokens;
 * a tri-stage learning-rate schedule (warm-up, hold, exponential decay; wav2vec 2.0's fine-tuning
   recipe) or the pre-training warm-up + cosine decay.
@@ -18,6 +20,7 @@ trains a BiLSTM on the same stacked filterbank tokens (the benchmark's feature b
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -30,7 +33,7 @@ from lhotse import CutSet
 from .. import config as C
 from ..data import DataError, Problems, ctc_loader, load_source
 from ..data.text import build_units, load_units, normalize
-from ..engine.args import add_engine_args, engine_overrides
+from ..engine.args import add_engine_args, add_set_arg, engine_overrides
 from ..engine.module import EngineData, EngineModule, is_multi_device, resume_point, run, trainer_kwargs
 from ..engine.progress import log, quiet_lightning
 from ..engine.schedules import tristage, warmup_cosine
@@ -105,7 +108,7 @@ class FinetuneModule(EngineModule):
         step, rank, micro, _ = self.begin_step(batch, batch_idx)
         if batch["waves"].shape[0] == 0:  # every file in the batch failed to load: a zero step
             return self.empty_step()
-        frozen = step < self.freeze_steps
+        frozen = self.encoder_frozen(step)
         loss, _, _ = self._loss(batch, self.generator(1, step, rank, micro), frozen)
         sr = self.cfg.model.features.sample_rate
         self.last_out = {"loss": float(loss.detach()), "audio_seconds": float(batch["lengths"].sum()) / sr,
@@ -138,8 +141,38 @@ class FinetuneModule(EngineModule):
     def progress_line(self, rec: dict) -> str:
         return f"ctc {rec['loss']:.3f}" + (" | encoder frozen" if rec["frozen"] else "")
 
+    def encoder_frozen(self, step: int) -> bool:
+        """Whether the encoder runs without gradients at optimizer step ``step``: during the first
+        ``freeze_steps``, and throughout with ``ctc.encoder_lr_ratio=0``."""
+        return step < self.freeze_steps or self.cfg.ctc.encoder_lr_ratio == 0
+
     def optimized_parameters(self):
         return ((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+
+    def param_groups(self) -> list[dict]:
+        """The engine's groups (weight decay on matrices, none on the rest), each split by learning-rate
+        share (:func:`lr_scales`) and ordered from the head down, so group 0 is the head's (the ``lr`` in
+        the progress log). A group's ``lr`` is ``train.lr`` times its ``lr_scale``; the schedule (LambdaLR)
+        multiplies each group's own rate. With one rate for all (``ctc.encoder_lr_ratio`` and
+        ``ctc.layer_decay`` 1) the engine's two groups are kept as they are: the layout earlier versions
+        saved in their checkpoints, so those resume."""
+        groups = super().param_groups()
+        c = self.cfg.ctc
+        if c.encoder_lr_ratio == 1.0 and c.layer_decay == 1.0:
+            return groups
+        scales = lr_scales(self.model, c)
+        name_of = {id(p): n for n, p in self.optimized_parameters()}
+        rank: dict[float, int] = {}  # share -> the highest place (0 = head) of a parameter that has it
+        for name in name_of.values():
+            r, share = scales[name]
+            rank[share] = min(rank.get(share, r), r)
+        out = []
+        for share in sorted(rank, key=rank.__getitem__):
+            for g in groups:
+                params = [p for p in g["params"] if scales[name_of[id(p)]][1] == share]
+                if params:
+                    out.append({**g, "params": params, "lr": self.t.lr * share, "lr_scale": share})
+        return out
 
     def lr_schedule(self):
         return tristage(self.cfg) if self.cfg.ctc.schedule == "tristage" else warmup_cosine(self.cfg.train)
@@ -152,6 +185,45 @@ class FinetuneModule(EngineModule):
         # "svqmae_config" makes the checkpoint loadable by svqmae.load (the fine-tuned encoder)
         checkpoint["svqmae_config"] = C.to_dict(C.Config(preset=self.cfg.preset, model=self.cfg.model,
                                                          train=self.cfg.train))
+
+
+def lr_scales(model: CTCModel, c: C.CTCConfig) -> dict[str, tuple[int, float]]:
+    """Parameter name -> (place from the top, share of ``train.lr``) for every parameter of ``model``.
+
+    The CTC head gets 1 (place 0). The encoder gets ``c.encoder_lr_ratio`` times ``c.layer_decay ** d``:
+    d = 0 for its final norm (place 1), ``n - i`` for block i (0-based) of n (place ``1 + n - i``) and
+    ``n + 1`` for the front-end embedding and anything else below the blocks (place ``n + 2``), as in
+    BEiT / data2vec fine-tuning. The filterbank BiLSTM baseline has no blocks: its whole backbone gets
+    ``c.encoder_lr_ratio`` (place 1)."""
+    n = model.cfg.model.encoder.layers
+    out = {}
+    for name, _ in model.named_parameters():
+        if name.startswith(CTCModel.HEAD):
+            out[name] = (0, 1.0)
+            continue
+        block = re.match(r"encoder\.blocks\.(\d+)\.", name)
+        if model.backbone != "svqmae" or (block is None and name.startswith("encoder.")):
+            depth = 0
+        elif block is not None:
+            depth = n - int(block.group(1))
+        else:
+            depth = n + 1
+        out[name] = (1 + depth, c.encoder_lr_ratio * c.layer_decay ** depth)
+    return out
+
+
+def _describe_lrs(cfg: C.FinetuneConfig) -> str:
+    """One log line: the head's and the encoder's learning rates."""
+    c, lr = cfg.ctc, cfg.train.lr
+    if c.encoder_lr_ratio == 0:
+        return f"learning rate {lr:.2g} for the head; encoder frozen throughout (ctc.encoder_lr_ratio=0)"
+    text = f"learning rates: head {lr:.2g}, encoder {lr * c.encoder_lr_ratio:.2g}"
+    if c.layer_decay != 1.0:
+        n, enc = cfg.model.encoder.layers, lr * c.encoder_lr_ratio
+        text += (f" times {c.layer_decay:g}^(n - i) for block i of n={n} ({enc * c.layer_decay:.2g} last, "
+                 f"{enc * c.layer_decay ** n:.2g} first) and {c.layer_decay:g}^(n + 1) for the embedding "
+                 f"({enc * c.layer_decay ** (n + 1):.2g})")
+    return text
 
 
 def _differences(cfg: C.FinetuneConfig):
@@ -220,10 +292,11 @@ def finetune(model: str, train: list[str], dev: list[str], out: str | Path, pres
     log(f"model: {cfg.preset} {backbone} {what}, {n_params:.1f}M parameters, "
         f"{1 / (ctc.downsample_rate / cfg.model.features.sample_rate):.0f} CTC frames/s"
         + (f"; encoder frozen for {freeze} steps" if freeze else ""))
+    log(_describe_lrs(cfg))
 
     module = FinetuneModule(cfg, ctc, units, freeze)
     overrides = {}
-    if freeze and is_multi_device(trainer_kwargs(cfg.train), cfg.train) and cfg.train.strategy in ("auto", "ddp"):
+    if (freeze or cfg.ctc.encoder_lr_ratio == 0) and is_multi_device(trainer_kwargs(cfg.train), cfg.train) and cfg.train.strategy in ("auto", "ddp"):
         overrides["strategy"] = "ddp_find_unused_parameters_true"  # the frozen encoder gets no gradients at first
     data = EngineData(module, lambda start: ctc_loader(train_cuts, cfg.train, shuffle=True, start=start),
                       lambda: ctc_loader(dev_cuts, cfg.train, shuffle=False))
@@ -265,7 +338,6 @@ def add_cli(sub) -> None:
     p.add_argument("--vocab-size", type=int, help="sentencepiece vocabulary size (--units bpe)")
     p.add_argument("--preset", choices=sorted(C.PRESETS), help="architecture for --model random/fbank (default base)")
     p.add_argument("--config", action="append", default=[], metavar="YAML", help="YAML overrides (repeatable)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any setting, e.g. --set ctc.freeze_steps=0 --set train.lr=1e-4 (repeatable)")
+    add_set_arg(p, "override any setting, e.g. --set ctc.freeze_steps=0 --set train.lr=1e-4 (repeatable)")
     add_engine_args(p)
     p.set_defaults(func=cmd_finetune)

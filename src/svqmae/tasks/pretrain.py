@@ -21,7 +21,18 @@ import pytorch_lightning as pl
 import torch
 
 from .. import config as C
-from ..data import DataError, Problems, load_sources, pretrain_loader, resolve_workers, split_heldout
+from ..data import (
+    AudioError,
+    DataError,
+    Problems,
+    load_cut,
+    load_sources,
+    pretrain_loader,
+    resolve_workers,
+    split_heldout,
+)
+from ..data.loader import shar_loader
+from ..data.shar import is_shar, open_shars, shar_heldout
 from ..engine.args import add_config_args, add_engine_args, add_fault_injection_arg, resolve_args
 from ..engine.autobatch import resolve_batch_seconds
 from ..engine.checkpoint import TrainingAborted
@@ -225,6 +236,80 @@ def final_metrics(out: Path) -> dict[str, str]:
     return {names[k]: f"{v:.4f}" for k, v in last.items() if isinstance(v, (int, float))}
 
 
+def estimate_global_stats(model: SVQMAE, cuts, max_cuts: int = 256) -> tuple[int, float]:
+    """Set ``model.frontend``'s corpus statistics (``model.features.norm: global``) from the log-mel
+    frames of the first ``max_cuts`` cuts (at most 30 s each). Returns (cuts, hours) used."""
+    sr = model.cfg.features.sample_rate
+    total, sq, frames, used, seconds = 0.0, 0.0, 0, 0, 0.0
+    with torch.no_grad():
+        for cut in cuts:
+            if used >= max_cuts:
+                break
+            try:
+                x = torch.from_numpy(load_cut(cut, sr)[: 30 * sr])[None]
+            except AudioError:
+                continue
+            feats, n = model.frontend.log_mel(x, torch.tensor([x.shape[1]]))
+            f = feats[0, : int(n[0])].double()  # (N, F)
+            total, sq, frames = total + f.sum(0), sq + (f**2).sum(0), frames + f.shape[0]
+            used, seconds = used + 1, seconds + x.shape[1] / sr
+    if not frames:
+        raise DataError("no readable audio to estimate the filterbank statistics from (model.features.norm=global)")
+    mean = total / frames
+    std = (sq / frames - mean**2).clamp_min(0).sqrt()
+    model.frontend.set_global_stats(mean.float(), std.float())
+    return used, seconds / 3600
+
+
+def training_data(sources: list[str], out: Path, t: C.TrainConfig, problems: Problems, module: PretrainModule):
+    """-> (train_loader(start), held-out cuts, training hours or None when streamed, a sample of cuts
+    to estimate filterbank statistics from (``model.features.norm=global``)).
+
+    In-memory sources (folders, small manifests) are read whole; a folder's probe is cached in
+    ``out/data_cache`` so that a resume does not probe again. Large manifests stay lazy; Shar
+    directories are streamed (every source must then be one)."""
+    min_s = t.min_utt_seconds
+    where = ", ".join(map(str, sources))
+    if any(is_shar(s) for s in sources):
+        if not all(is_shar(s) for s in sources):
+            raise DataError(f"{where}: Shar directories cannot be mixed with other sources in one run; shard them "
+                            f"together (svqmae data shard SRC... --out DIR)")
+        shar = open_shars(sources)
+        val_cuts = shar_heldout(shar, t.val_items, min_s)
+        held = frozenset(c.id for c in val_cuts)
+        module.streamed = True
+        log(f"data: {shar.describe()}, streamed; {len(val_cuts)} held out")
+
+        def train_loader(start):
+            return shar_loader(shar, module.resolved_batch_seconds, t.max_utt_seconds, t.num_buckets, t.num_workers, t.seed,
+                               t.stream_buffer, exclude=held, min_seconds=min_s, resume=module.stream_saved,
+                               speed=t.speed_perturb)
+
+        return train_loader, val_cuts, shar.hours, val_cuts  # a stream's sample: the held-out slice
+    cuts = load_sources(sources, problems, cache=out / "data_cache")
+    for _, reason in problems.items:
+        log(f"skipped {reason}")
+    note = f"; {len(problems)} unreadable files skipped" if len(problems) else ""
+    if cuts.is_lazy:
+        train_cuts, val_cuts = split_heldout(cuts.filter(lambda c: c.duration >= min_s), t.val_items)
+        hours = None
+        log(f"data: {where}, read lazily (streamed); {len(val_cuts)} held out{note}")
+    else:
+        cuts = cuts.filter(lambda c: c.duration >= min_s).to_eager()
+        if len(cuts) == 0:
+            raise DataError(f"{where}: no utterance of at least {min_s} s to train on")
+        train_cuts, val_cuts = split_heldout(cuts, t.val_items)
+        hours = sum(c.duration for c in train_cuts) / 3600
+        log(f"data: {len(train_cuts)} utterances ({hours:.2f} h) for training, {len(val_cuts)} held out{note}")
+
+    def train_loader(start):
+        return pretrain_loader(train_cuts, module.resolved_batch_seconds, t.max_utt_seconds, t.num_buckets,
+                               t.num_workers, t.seed, shuffle=True, start=start, buffer_size=t.stream_buffer,
+                               speed=t.speed_perturb)
+
+    return train_loader, val_cuts, hours, train_cuts
+
+
 def pretrain(sources: list[str], out: str | Path, cfg: C.Config) -> Path:
     """Pre-train on ``sources`` into ``out``; rerunning the same call resumes. Returns ``out/model``."""
     out = Path(out)
@@ -235,30 +320,18 @@ def pretrain(sources: list[str], out: str | Path, cfg: C.Config) -> Path:
     C.save_yaml(cfg, out / "config.yaml")
 
     problems = Problems()
-    cuts = load_sources(sources, problems)
-    for _, reason in problems.items:
-        log(f"skipped {reason}")
-    min_s = cfg.train.min_utt_seconds
-    cuts = cuts.filter(lambda c: c.duration >= min_s).to_eager()
-    if len(cuts) == 0:
-        raise DataError(f"{', '.join(map(str, sources))}: no utterance of at least {min_s} s to train on")
-    train_cuts, val_cuts = split_heldout(cuts, cfg.train.val_items)
-    hours = sum(c.duration for c in train_cuts) / 3600
-    log(f"data: {len(train_cuts)} utterances ({hours:.2f} h) for training, {len(val_cuts)} held out"
-        + (f"; {len(problems)} unreadable files skipped" if len(problems) else ""))
-
     module = PretrainModule(cfg, faults_record=out / "faults_fired.json")
+    train_loader, val_cuts, hours, sample = training_data(sources, out, cfg.train, problems, module)
     n_params = sum(p.numel() for p in module.model.encoder.parameters()) / 1e6
     log(f"model: {cfg.preset} {cfg.model.variant}, encoder {n_params:.1f}M parameters")
+    if cfg.model.features.norm == "global" and ckpt is None:  # on resume they come with the checkpoint
+        n, h = estimate_global_stats(module.model, sample)
+        log(f"filterbank statistics (model.features.norm=global) from {n} utterances ({h:.2f} h)")
     t, speed = cfg.train, module.speed
     apply_speed(module.model, replace(speed, compile=False))  # the layout first: the batch search runs eagerly
     batch_seconds = module.resolved_batch_seconds = resolve_batch_seconds(cfg, out, module.model, speed, device_type())
     apply_speed(module.model, speed)
     log(f"speed: {speed.describe()}; {resolve_workers(t.num_workers)} loader workers")
-
-    def train_loader(start):
-        return pretrain_loader(train_cuts, batch_seconds, t.max_utt_seconds, t.num_buckets,
-                               t.num_workers, t.seed, shuffle=True, start=start)
 
     def val_loader():
         if val_cuts is None or len(val_cuts) == 0:
@@ -276,7 +349,7 @@ def pretrain(sources: list[str], out: str | Path, cfg: C.Config) -> Path:
         except Exception as e:  # plotting must never fail a finished run
             log(f"(plots not written: {e})")
         card = {"training data": ", ".join(map(str, sources)), "steps": trainer.global_step,
-                "training hours of audio": f"{hours:.2f}", **final_metrics(out)}
+                "training hours of audio": "streamed" if hours is None else f"{hours:.2f}", **final_metrics(out)}
         save_model(module.model, cfg, out / "model", card, figures=figures)
         progress.write_skipped()
         log(f"done at step {trainer.global_step}: model saved to {out / 'model'}")

@@ -53,7 +53,8 @@ class UpstreamExpert(nn.Module):
         return self.model.downsample_rate
 
     def forward(self, wavs: list[torch.Tensor]) -> dict[str, list[torch.Tensor] | torch.Tensor]:
-        """wavs: list of 1-D 16 kHz float tensors -> hidden states [input embedding, layer 1..L], each
+        """wavs: list of 1-D 16 kHz float tensors -> hidden states [level, input embedding, layer 1..L] (as
+        ``model.extract``; no level in models without ``model.features.level_state``), each
         (B, T, D) with T = the longest utterance's token count (shorter ones are zero-padded)."""
         if not wavs:
             raise ValueError("svqmae upstream: empty batch")

@@ -87,7 +87,8 @@ def add_cli(sub) -> None:
     p.add_argument("--epochs", type=int, help="max epochs of utterance heads (default 100)")
     p.add_argument("--asr-epochs", dest="asr_epochs", type=int, help="max epochs of the ASR head (default 40)")
     p.add_argument("--asr-hidden", dest="asr_hidden", type=int, help="BiLSTM units per direction (default 256)")
-    p.add_argument("--lr", type=float, help="head learning rate (default 1e-3)")
+    p.add_argument("--lr", help="head learning rate: auto (default: the best of a small grid on the dev split, "
+                   "reported) or a number")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="utterance head batch size (default 32)")
     p.add_argument("--dev-fraction", dest="dev_fraction", type=float,
                    help="share of train held out by speaker when there is no --dev (default 0.1)")

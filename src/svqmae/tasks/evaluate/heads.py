@@ -119,8 +119,42 @@ def _early_stopping(head: nn.Module, opt, epochs: int, patience: int, run_epoch,
     return best, epoch
 
 
-def fit_utterance(Xtr, ytr, Xdev, ydev, n_classes: int, o: dict, balanced: bool) -> tuple[UtteranceHead, dict]:
-    """Linear probe on pooled layers. X: (N, L, D) float tensors, y: (N,) long."""
+# the learning rates ``--lr auto`` tries (SUPERB sweeps the downstream learning rate per upstream and
+# task: rankings flip without it); linear probes are cheap, the BiLSTM-CTC head is not
+# (1e-4 was tried too: it never won on the shared sets and cost the most epochs)
+LR_GRID = {"utterance": (3e-4, 1e-3, 3e-3, 1e-2), "ctc": (3e-4, 1e-3, 3e-3)}
+
+
+def with_lr_search(fit, kind: str):
+    """``fit(..., o)`` -> the same with ``o["lr"] == "auto"`` meaning: fit once per learning rate of
+    ``LR_GRID[kind]`` and keep the head with the best dev score (the first best on a tie). The info
+    dict gets ``lr`` (the choice) and ``lr_search`` (dev score per learning rate)."""
+
+    def fit_best(*args):
+        o = args[-1]
+        if o["lr"] != "auto":
+            head, info = fit(*args)
+            return head, {"lr": float(o["lr"]), **info}
+        fits = [(lr, *fit(*args[:-1], {**o, "lr": lr, "progress": False})) for lr in LR_GRID[kind]]
+        return pick_best(fits, kind, o["progress"])
+
+    return fit_best
+
+
+def pick_best(fits: list[tuple[float, nn.Module, dict]], kind: str, progress: bool) -> tuple[nn.Module, dict]:
+    """(lr, head, info) per learning rate -> the head with the best dev score (the first on a tie)."""
+    key = "dev_accuracy" if kind == "utterance" else "dev_cer"
+    sign = 1 if kind == "utterance" else -1
+    scores = {f"{lr:g}": info[key] for lr, _, info in fits}
+    lr, head, info = max(fits, key=lambda f: (sign * f[2][key], -fits.index(f)))
+    if progress:
+        log(f"  learning rate {lr:g} chosen on dev ({'accuracy' if kind == 'utterance' else 'CER'} per lr: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) + ")")
+    return head, {"lr": lr, "lr_search": scores, **info}
+
+
+def fit_utterance(Xtr, ytr, Xdev, ydev, n_classes: int, balanced: bool, o: dict) -> tuple[UtteranceHead, dict]:
+    """Linear probe on pooled layers (one learning rate). X: (N, L, D) float tensors, y: (N,) long."""
     torch.manual_seed(o["seed"])
     head = UtteranceHead(Xtr.mean(0), Xtr.std(0), n_classes)
     opt = torch.optim.AdamW(head.parameters(), lr=o["lr"], weight_decay=1e-4)
@@ -148,7 +182,7 @@ def fit_utterance(Xtr, ytr, Xdev, ydev, n_classes: int, o: dict, balanced: bool)
         return float((logits.argmax(-1) == ydev).float().mean()) - 1e-6 * float(F.cross_entropy(logits, ydev))
 
     best, epochs = _early_stopping(head, opt, o["epochs"], o["patience"], run_epoch, score, "accuracy", o["progress"])
-    return head, {"dev_accuracy": round(best, 4), "epochs": epochs}
+    return head, {"dev_accuracy": abs(round(best, 4)), "epochs": epochs}  # abs: no -0.0 when nothing is right
 
 
 def _pad_frames(feats: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +202,7 @@ def greedy_decode(logp: torch.Tensor, lengths: torch.Tensor, vocab: list[str]) -
 
 
 def fit_ctc(Ftr, Ttr, Fdev, Tdev, vocab: list[str], frame_rate: float, o: dict) -> tuple[CTCHead, dict]:
-    """BiLSTM-CTC head. F*: lists of (T, L, D) arrays; T*: transcripts."""
+    """BiLSTM-CTC head (one learning rate). F*: lists of (T, L, D) arrays; T*: transcripts."""
     import jiwer
 
     torch.manual_seed(o["seed"])
@@ -206,6 +240,14 @@ def fit_ctc(Ftr, Ttr, Fdev, Tdev, vocab: list[str], frame_rate: float, o: dict) 
     best, epochs = _early_stopping(head, opt, o["asr_epochs"], o["asr_patience"], run_epoch, score, "CER",
                                    o["progress"])
     return head, {"dev_cer": round(-best, 4), "epochs": epochs, "upsample": upsample}
+
+
+
+
+fit_utterance_head = with_lr_search(fit_utterance, "utterance")
+
+
+fit_ctc_head = with_lr_search(fit_ctc, "ctc")
 
 
 @torch.no_grad()

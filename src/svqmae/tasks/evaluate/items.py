@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ DEFAULTS = dict(
     seed=0,  # head initialization, batch order, dev split and bootstrap
     epochs=100,  # utterance heads: at most this many epochs, early-stopped on dev accuracy
     patience=10,
-    lr=1e-3,
+    lr="auto",  # head learning rate: "auto" picks it on the dev split from heads.LR_GRID, or a number
     batch_size=32,
     dev_fraction=0.1,  # share of train held out (by speaker) when no dev set is given
     folds=None,  # k-fold cross-validation over train, grouped by fold_by (instead of a test set)
@@ -63,6 +64,13 @@ def _options(options: dict) -> dict:
         raise ConfigError(f"evaluate: unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(DEFAULTS)})")
     o = dict(DEFAULTS)
     o.update({k: v for k, v in options.items() if v is not None})
+    if o["lr"] != "auto":
+        try:
+            o["lr"] = float(o["lr"])
+        except (TypeError, ValueError):
+            raise ConfigError(f"evaluate: lr must be 'auto' or a number, got {o['lr']!r}") from None
+        if o["lr"] <= 0:
+            raise ConfigError(f"evaluate: lr must be positive, got {o['lr']}")
     return o
 
 
@@ -142,7 +150,11 @@ def split_dev(items: list[Item], fraction: float, seed: int) -> tuple[list[Item]
             total += count[s]
     dev_ids = {id(it) for it in with_spk if it.speaker in held}
     random_pool = [it for it in items if not it.speaker or how == "random"]
-    random_pool.sort(key=lambda it: _rank(seed, it.key + it.path))
+    # ranked by where each segment sits below the items' common folder, not by its absolute path or file
+    # times: the same data copied elsewhere (or made again) gets the same dev split
+    where = {id(it): os.path.abspath(it.path) for it in random_pool}
+    root = os.path.commonpath([os.path.dirname(w) for w in where.values()]) if where else ""
+    random_pool.sort(key=lambda it: _rank(seed, f"{os.path.relpath(where[id(it)], root)}|{it.cut.start:.4f}"))
     dev_ids |= {id(it) for it in random_pool[: int(round(fraction * len(random_pool)))]}
     train = [it for it in items if id(it) not in dev_ids]
     dev = [it for it in items if id(it) in dev_ids]

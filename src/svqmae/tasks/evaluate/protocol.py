@@ -26,7 +26,7 @@ import torch
 
 from ...config import ConfigError
 from .features import FeatureStore
-from .heads import fit_ctc, fit_utterance, transcribe
+from .heads import fit_ctc_head, fit_utterance_head, transcribe
 from .items import TASKS, Item, TaskSpec, _options, check_labels, load_items, log, make_folds, split_dev
 from .report import bootstrap_ci, edit_counts, plot_report, report_path
 from .upstreams import Upstream, get_upstream
@@ -86,7 +86,7 @@ def run_utterance(spec: TaskSpec, store: FeatureStore, train: list[Item], test: 
             Xdev, ydev = X[dev_idx], y[dev_idx]
         if o["progress"]:
             log(f"  {name}: training a linear head on {len(fit_idx)} items, selecting on {len(ydev)} ({how} dev split)")
-        head, info = fit_utterance(X[fit_idx], y[fit_idx], Xdev, ydev, len(labels), o, spec.balanced)
+        head, info = fit_utterance_head(X[fit_idx], y[fit_idx], Xdev, ydev, len(labels), spec.balanced, o)
         with torch.no_grad():
             p = head(X[te_idx]).argmax(-1)
         truth.append(y[te_idx])
@@ -103,7 +103,7 @@ def run_utterance(spec: TaskSpec, store: FeatureStore, train: list[Item], test: 
         "ci95": bootstrap_ci(correct, n_boot=o["bootstrap"], seed=o["seed"]),
         "n_test": int(len(correct)), "n_train": len(train), "labels": labels, "confusion": confusion.tolist(),
         "layer_weights": [round(float(w), 5) for w in np.mean(weights, 0)],
-        "folds": folds or None, "runs": runs,
+        "folds": folds or None, "runs": runs, "head_lr": [r["lr"] for r in runs],
     }
 
 
@@ -129,7 +129,7 @@ def run_ctc(store: FeatureStore, train: list[Item], test: list[Item] | None, dev
     Ftr, Fdev, Fte = Fall[: len(fit)], Fall[len(fit): len(fit) + len(dev)], Fall[len(fit) + len(dev):]
     if o["progress"]:
         log(f"  training a BiLSTM-CTC head on {len(fit)} utterances, selecting on {len(dev)} ({how} dev split)")
-    head, info = fit_ctc(Ftr, Ttr, Fdev, Tdev, vocab, store.upstream.frame_rate, o)
+    head, info = fit_ctc_head(Ftr, Ttr, Fdev, Tdev, vocab, store.upstream.frame_rate, o)
     hyps = transcribe(head, Fte, vocab)
     import jiwer
 
@@ -144,6 +144,7 @@ def run_ctc(store: FeatureStore, train: list[Item], test: list[Item] | None, dev
         "wer_ci95": bootstrap_ci(w_err, w_len, n_boot=o["bootstrap"], seed=o["seed"]),
         "vocab": "".join(vocab), "layer_weights": [round(float(w), 5) for w in head.mix.weights().detach()],
         "runs": [{"split": "test", "train": len(fit), "dev": len(dev), "dev_split": how, "test": len(test), **info}],
+        "head_lr": [info["lr"]],
         "examples": [{"ref": r, "hyp": h} for r, h in list(zip(Tte, hyps))[:5]],
     }
 
@@ -209,6 +210,7 @@ def evaluate(model: str | Upstream, task: str, train: str, test: str | None = No
     if o["progress"]:
         lo, hi = report["ci95"]
         log(f"{task} {upstream.name}: {report['metric']} {100 * report['value']:.2f}% "
-            f"[{100 * lo:.2f}, {100 * hi:.2f}] on {report['n_test']} test items"
+            f"[{100 * lo:.2f}, {100 * hi:.2f}] on {report['n_test']} test items (head lr "
+            + ", ".join(f"{x:g}" for x in report["head_lr"]) + ")"
             + (f" -> {report['files']['report']}" if out else ""))
     return report

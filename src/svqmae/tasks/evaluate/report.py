@@ -49,7 +49,8 @@ def plot_report(report: dict, json_path: Path) -> dict:
     w = report["layer_weights"]
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(w) + 2), 3))
     ax.bar(range(len(w)), w, color="tab:blue")
-    ax.set(xlabel="layer (0 = input embedding)", ylabel="softmax weight", xticks=range(len(w)),
+    first = report["upstream"].get("state0", "input embedding")
+    ax.set(xlabel=f"hidden state (0 = {first})", ylabel="softmax weight", xticks=range(len(w)),
            title=f"{report['task']}: layer weights of {report['upstream']['name']}")
     fig.tight_layout()
     files["layers_png"] = str(json_path.with_name(f"{json_path.stem}_layers.png"))

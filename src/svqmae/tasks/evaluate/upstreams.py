@@ -66,6 +66,7 @@ class Upstream(nn.Module):
     dim: int
     frame_rate: float  # output frames per second
     batch_invariant: bool = True  # an utterance's features do not depend on the padding of its batch
+    state0: str = "input embedding"  # what the first hidden state is
 
     @torch.no_grad()
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +79,7 @@ class Upstream(nn.Module):
 
     def describe(self) -> dict:
         return {"name": self.name, "key": self.key, "layers": self.num_layers, "dim": self.dim,
-                "frame_rate": self.frame_rate}
+                "frame_rate": self.frame_rate, "state0": self.state0}
 
 
 class SVQMAEUpstream(Upstream):
@@ -88,9 +89,10 @@ class SVQMAEUpstream(Upstream):
         super().__init__()
         self.model = model.eval()
         self.name, self.key = name, key
-        self.num_layers = model.cfg.encoder.layers + 1  # input embedding + one per block
+        self.num_layers = model.num_states  # [level,] input embedding, one per block
         self.dim = model.cfg.encoder.dim
         self.frame_rate = SAMPLE_RATE / model.downsample_rate
+        self.state0 = "level" if model.cfg.features.level_state else "input embedding"
 
     @torch.no_grad()
     def forward(self, waves, lengths):
@@ -102,7 +104,12 @@ def load_svqmae(path: str | Path) -> SVQMAEUpstream:
     model = SVQMAE.from_pretrained(path)
     p = Path(path).resolve()
     name = p.parent.name if p.name == "model" else p.name
-    return SVQMAEUpstream(model, f"svqmae:{name}", f"svqmae-{_slug(name)}-{_weights_digest(model)}")
+    return SVQMAEUpstream(model, f"svqmae:{name}", f"svqmae-{_slug(name)}-{_weights_digest(model, _states(model))}")
+
+
+def _states(model: SVQMAE) -> str:
+    """What the states are beyond the weights (part of the cache key; empty for what older versions extracted)."""
+    return "level_state" if model.cfg.features.level_state else ""
 
 
 def random_upstream(spec: str = "random") -> SVQMAEUpstream:
@@ -120,7 +127,7 @@ def random_upstream(spec: str = "random") -> SVQMAEUpstream:
         model = SVQMAE(cfg.model).drop_decoder()
     finally:
         torch.random.set_rng_state(state)
-    return SVQMAEUpstream(model, f"random:{preset}", f"random-{preset}-s{seed}-{_weights_digest(model)}")
+    return SVQMAEUpstream(model, f"random:{preset}", f"random-{preset}-s{seed}-{_weights_digest(model, _states(model))}")
 
 
 class FbankUpstream(Upstream):
@@ -139,6 +146,7 @@ class FbankUpstream(Upstream):
         self.name = "fbank"
         self.key = f"fbank-{n_mels}{'-d2' if deltas else ''}-v1"
         self.num_layers, self.dim, self.frame_rate = 1, n_mels * (3 if deltas else 1), 100.0
+        self.state0 = "filterbank"
 
     @staticmethod
     def _delta(x: torch.Tensor, n_frames: torch.Tensor, n: int = 2) -> torch.Tensor:
