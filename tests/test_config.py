@@ -73,3 +73,29 @@ def test_diff_lists_differing_model_fields():
     a, b = C.resolve("tiny"), C.resolve("tiny", overrides=["model.encoder.layers=2"])
     assert C.diff(a, b) == ["model.encoder.layers: 4 != 2"]
     assert C.diff(a, C.resolve("tiny", overrides=["train.lr=1"])) == []
+
+
+def test_speed_switches_and_auto_numbers():
+    cfg = C.resolve("tiny", overrides=["train.max_batch_seconds=auto", "train.num_workers=auto", "train.pack=on",
+                                       "train.fused_adamw=off", "train.shape_bucket=8"])
+    t = cfg.train
+    assert (t.max_batch_seconds, t.num_workers, t.pack, t.fused_adamw, t.shape_bucket) == ("auto", "auto", "on", "off", 8)
+    assert C.resolve("tiny", overrides=["train.max_batch_seconds=90", "train.num_workers=3"]).train.max_batch_seconds == 90.0
+    assert C.resolve("tiny").train.torch_compile == "auto" and C.resolve("tiny").train.max_batch_seconds == 120.0
+    assert C.from_dict(C.to_dict(cfg)) == cfg
+    assert C.preset_batch_seconds("tiny") == 120.0 and C.preset_batch_seconds("base") == 320.0
+    for bad, needle in (("train.pack=sometimes", "train.pack must be auto, on or off"),
+                        ("train.num_workers=many", "expects int"), ("train.max_batch_seconds=lots", "expects float"),
+                        ("train.shape_bucket=0", "shape_bucket")):
+        with pytest.raises(C.ConfigError, match=needle):
+            C.resolve("tiny", overrides=[bad])
+    with pytest.raises(C.ConfigError, match="is for pre-training"):
+        C.resolve_finetune("tiny", overrides=["train.max_batch_seconds=auto"])
+
+
+def test_saved_configs_from_before_the_speed_settings_keep_their_behaviour():
+    d = C.to_dict(C.resolve("tiny"))
+    for key in ("time_schedule", "torch_compile", "pack", "fused_adamw", "shape_bucket"):
+        del d["train"][key]
+    t = C.from_dict(d).train
+    assert (t.time_schedule, t.torch_compile, t.pack, t.fused_adamw, t.shape_bucket) == (False, "off", "off", "off", 1)

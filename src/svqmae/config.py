@@ -16,7 +16,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -120,12 +120,16 @@ class TrainConfig:
     grad_clip: float = 1.0
     accumulate: int = 1  # gradient accumulation: 4 GPUs x 16 stand in for 64 GPUs
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32 on CPU | "bf16" | "32"
-    max_batch_seconds: float = 320.0  # audio seconds per batch (per device)
+    # audio seconds per batch (per device), or "auto": pre-training measures, once, the largest batch that fits
+    # the device's memory (x auto_batch_margin) and caches it in DIR/auto_batch.json; on a CPU "auto" is the
+    # preset's own figure (tiny 120, small 240, base 320), without a search
+    max_batch_seconds: float | str = 320.0
+    auto_batch_margin: float = 0.85  # share of the device's memory an automatic batch may plan for
     max_utt_seconds: float = 15.0  # longer utterances are randomly cropped
     min_utt_seconds: float = 0.5  # shorter utterances are skipped
     speed_perturb: float = 0.0  # 0.1: each training utterance at a random speed in [0.9, 1.1] (tempo and pitch)
     num_buckets: int = 10
-    num_workers: int = 2
+    num_workers: int | str = "auto"  # loader processes; auto: min(2, cores / 2) on a CPU, cores per GPU - 1 (<= 16) on GPUs
     stream_buffer: int = 2000  # streamed data (Shar, large manifests): cuts each loader buffers to shuffle and bucket
     val_items: int = 64  # held-out utterances for validation (fixed masks)
     val_every: int = 500
@@ -139,6 +143,18 @@ class TrainConfig:
     devices: str = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
+    # learning-rate progress is max(step / max_steps, elapsed / max_minutes): with a time budget the schedule
+    # warms up and decays over the minutes too (whichever budget binds first); False: steps only
+    time_schedule: bool = True
+    # speed (svqmae.engine.speed): each "auto" = on for CUDA, off on a CPU; "on" / "off" force it. None changes
+    # what is computed, only how (tests/engine/test_speed.py checks each against the plain path)
+    torch_compile: str = "auto"  # torch.compile the Transformer blocks (shapes bucketed, dynamic: no per-step recompiles)
+    pack: str = "auto"  # encoder: the visible tokens of the whole batch in one sequence, per-utterance attention
+    fused_adamw: str = "auto"  # fused AdamW; non-finite steps are then skipped on the device, without a host sync
+    shape_bucket: int | str = "auto"  # pad token counts to a multiple of this so that shapes repeat; auto: 16 CUDA, 1 CPU
+
+    AUTO: ClassVar[dict[str, type]] = {"max_batch_seconds": float, "num_workers": int, "shape_bucket": int}
+    SWITCHES: ClassVar[tuple[str, ...]] = ("torch_compile", "pack", "fused_adamw")  # auto | on | off
 
 
 @dataclass
@@ -164,7 +180,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.recon_weight": 1.0,
         "train": dict(lr=1.5e-3, warmup_steps=100, max_steps=2000, max_batch_seconds=120.0,
                       max_utt_seconds=8.0, val_items=32, val_every=100, ckpt_every_steps=100,
-                      ckpt_every_minutes=2.0, log_every=5, num_workers=1),
+                      ckpt_every_minutes=2.0, log_every=5),
     },
     "small": {
         "model.encoder": dict(layers=8, dim=512, heads=8, ffn_dim=2048, dropout=0.05),
@@ -174,6 +190,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # wav2vec 2.0 BASE's encoder size
     "base": {},
 }
+
+
+def preset_batch_seconds(preset: str) -> float:
+    """The preset's batch in audio seconds: what ``train.max_batch_seconds=auto`` means on a CPU."""
+    return float(PRESETS.get(preset, {}).get("train", {}).get("max_batch_seconds", TrainConfig.max_batch_seconds))
 
 
 def _set_path(cfg: Any, dotted: str, value: Any, source: str) -> None:
@@ -191,7 +212,11 @@ def _set_path(cfg: Any, dotted: str, value: Any, source: str) -> None:
                 for k, v in value.items():
                     _set_path(current, k, v, source)
             else:
-                setattr(node, part, _coerce(current, value, dotted, source))
+                numeric = getattr(node, "AUTO", {}).get(part)  # a number or "auto"
+                if numeric is not None and value == "auto":
+                    setattr(node, part, "auto")
+                else:
+                    setattr(node, part, _coerce(numeric() if numeric else current, value, dotted, source))
         else:
             node = getattr(node, part)
 
@@ -218,6 +243,8 @@ def _coerce(current: Any, value: Any, key: str, source: str) -> Any:
                 value = [v for v in value.strip("()[] ").split(",") if v.strip()]
             return tuple(type(c)(v) for c, v in zip(current, value, strict=True))
         if isinstance(current, str):
+            if isinstance(value, bool):  # YAML reads on/off/true/false as booleans
+                return "on" if value else "off"
             return str(value)
     except (TypeError, ValueError):
         raise ConfigError(
@@ -245,7 +272,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 RETIRED_KEYS = {"train.compile"}
 ADDED_KEYS = {"model.decoder_conv": 0, "model.features.norm": "utterance", "model.features.level": False,
               "model.features.level_state": False, "model.mask.count": 1,
-              "ctc.encoder_lr_ratio": 1.0, "ctc.layer_decay": 1.0, "ctc.layer_sum": False, "ctc.reinit_top": 0}
+              "ctc.encoder_lr_ratio": 1.0, "ctc.layer_decay": 1.0, "ctc.layer_sum": False, "ctc.reinit_top": 0,
+              "train.time_schedule": False, "train.torch_compile": "off", "train.pack": "off",
+              "train.fused_adamw": "off", "train.shape_bucket": 1}
 
 
 def apply_saved(cfg: Any, d: dict[str, Any], source: str) -> None:
@@ -351,7 +380,13 @@ def validate(cfg: Config, source: str) -> None:
     need(t.precision in ("auto", "bf16", "32"), f"train.precision must be auto, bf16 or 32, got {t.precision!r}")
     need(t.accumulate >= 1, "train.accumulate must be >= 1")
     need(0.0 <= t.speed_perturb < 1.0, f"train.speed_perturb must be in [0, 1), got {t.speed_perturb}")
-    need(t.max_batch_seconds >= t.max_utt_seconds, "train.max_batch_seconds must be >= train.max_utt_seconds")
+    need(t.max_batch_seconds == "auto" or t.max_batch_seconds >= t.max_utt_seconds,
+         "train.max_batch_seconds must be auto or >= train.max_utt_seconds")
+    need(0 < t.auto_batch_margin <= 1, "train.auto_batch_margin must be in (0, 1]")
+    need(t.num_workers == "auto" or t.num_workers >= 0, "train.num_workers must be auto or >= 0")
+    need(t.shape_bucket == "auto" or t.shape_bucket >= 1, "train.shape_bucket must be auto or >= 1")
+    for name in TrainConfig.SWITCHES:
+        need(getattr(t, name) in ("auto", "on", "off"), f"train.{name} must be auto, on or off, got {getattr(t, name)!r}")
 
 
 def private_tmp(path: Path, suffix: str = "") -> Path:
@@ -517,3 +552,5 @@ def validate_finetune(cfg: FinetuneConfig, source: str) -> None:
     need(0 < c.layer_decay <= 1, f"ctc.layer_decay must be in (0, 1], got {c.layer_decay}")
     need(0 <= s.time_mask_prob < 1 and s.time_mask_width >= 1, "specaug: time_mask_prob in [0, 1), width >= 1")
     need(0 <= s.freq_mask_width < cfg.model.features.n_mels, "specaug.freq_mask_width must be < model.features.n_mels")
+    need(cfg.train.max_batch_seconds != "auto", "train.max_batch_seconds=auto is for pre-training; give fine-tuning "
+                                                 "a number of seconds")

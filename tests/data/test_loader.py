@@ -45,6 +45,21 @@ def test_crops_are_reproducible_per_epoch(tmp_path):
     assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (1, 16000)
 
 
+def test_auto_workers_per_device(monkeypatch):
+    from svqmae.data.loader import resolve_workers
+
+    assert resolve_workers(3) == 3 and resolve_workers("0") == 0
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(2)))
+    assert resolve_workers("auto") == 1  # 2 CPU cores: one loader process, the other core trains
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(32)))
+    assert resolve_workers("auto") == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_workers("auto") == 15  # 16 cores per GPU, one left for the training process
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(256)))
+    assert resolve_workers("auto") == 16
+
+
 def test_speed_perturbation_is_seeded_bounded_and_keeps_the_crop_length(tmp_path):
     write_wav(tmp_path / "short.wav", harmonic_tone(1.0))
     write_wav(tmp_path / "long.wav", harmonic_tone(5.0))

@@ -63,6 +63,30 @@ def test_nan_steps_are_skipped_then_too_many_in_a_row_stop_the_run(tmp_path, dat
     assert recs[3]["loss"] is None and recs[4]["loss"] > 0  # the skipped step stays out of the loss curve
 
 
+def test_with_fused_adamw_nan_steps_are_skipped_on_the_device_then_too_many_in_a_row_stop_the_run(tmp_path, data, capfd,
+                                                                                               monkeypatch):
+    # fused AdamW on CUDA (here forced on the CPU): the skip is decided on the device (no host sync per step),
+    # the counts are read every train.log_every steps (here every step)
+    from svqmae.engine.faults import NonFiniteGuard
+
+    monkeypatch.setattr(NonFiniteGuard, "SKIP_ON_DEVICE", True)
+    out = tmp_path / "nan_fused"
+    cfg = tiny_cfg("train.ckpt_every_steps=1", "train.keep_last=20", "train.max_nonfinite=2", "train.fused_adamw=on",
+                   "train.inject_faults=[nan@3, nan@6, nan@7]")
+    with pytest.raises(TrainingAborted, match=r"by step 7: 2 steps in a row had non-finite.*train.max_nonfinite=2"):
+        pretrain([str(data)], out, cfg)
+    assert "update(s) skipped on every rank for non-finite loss or gradients" in capfd.readouterr().err
+    s = _states(out)
+    assert sorted(s) == [1, 2, 3, 4, 5, 6]  # the run stopped at step 7, before its checkpoint
+    same = [all(torch.equal(s[k - 1][n], s[k][n]) for n in s[k]) for k in range(2, 7)]
+    assert same == [False, True, False, False, True]  # steps 3 and 6 changed nothing
+    opt = torch.load(out / "checkpoints" / "step00000006.ckpt", weights_only=True)["optimizer_states"][0]["state"]
+    assert {int(v["step"]) for v in opt.values()} == {4}  # 6 steps, 2 skipped (the fused kernel kept the count)
+    recs = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    assert recs[2]["nonfinite_skipped"] == 0 and recs[3]["nonfinite_skipped"] == 1 and recs[6]["nonfinite_skipped"] == 2
+    assert recs[3]["loss"] is None and recs[4]["loss"] > 0
+
+
 def test_oom_retries_the_batch_split_in_two_then_repeated_oom_stops_with_advice(tmp_path, data, capfd):
     out = tmp_path / "oom"
     cfg = tiny_cfg("train.ckpt_every_steps=2", "train.inject_faults=[oom@2, oom@4, oom@4]")

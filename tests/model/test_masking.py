@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from svqmae.model.masking import num_masked, padding_mask, span_mask, visible_index
+from svqmae.model.masking import (
+    mask_counts,
+    num_masked,
+    num_masked_tensor,
+    padding_mask,
+    span_mask,
+    true_positions,
+    visible_index,
+)
 
 
 def _runs(row: torch.Tensor) -> list[int]:
@@ -68,3 +76,33 @@ def test_visible_index_packs_visible_positions_in_order():
     assert idx.shape == (2, 3)
     assert idx[0].tolist() == [1, 2, 4]
     assert idx[1, :2].tolist() == [0, 3]  # position 4, 5 are padding, not visible
+
+
+def test_masks_do_not_depend_on_padding():
+    # row b's mask is a function of (generator, b, lengths[b]) only: a longer padded T (shape buckets) or
+    # another utterance's length changes nothing
+    lengths = torch.tensor([30, 17, 25])
+    a = span_mask(lengths, 30, 0.7, 3, torch.Generator().manual_seed(3))
+    b = span_mask(lengths, 48, 0.7, 3, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b[:, :30]) and not b[:, 30:].any()
+    c = span_mask(torch.tensor([30, 9, 25]), 30, 0.7, 3, torch.Generator().manual_seed(3))
+    assert torch.equal(a[[0, 2]], c[[0, 2]])
+
+
+def test_true_positions_match_boolean_indexing():
+    x = torch.rand(5, 13) > 0.4
+    n = int(x.sum())
+    assert torch.equal(true_positions(x, n), x.flatten().nonzero().flatten())
+    assert true_positions(x, n + 3)[n:].tolist() == [0, 0, 0]  # a longer result is padded with position 0
+    assert torch.equal(true_positions(x, 4), x.flatten().nonzero().flatten()[:4])
+
+
+def test_visible_index_takes_its_width_from_the_host():
+    lengths = torch.tensor([6, 4])
+    mask = torch.tensor([[1, 0, 0, 1, 0, 1], [0, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    idx, n_vis = visible_index(mask, lengths, V=8)  # wider than T: padded
+    assert idx.shape == (2, 8) and n_vis.tolist() == [3, 2]
+    assert idx[0, :3].tolist() == [1, 2, 4] and not idx[:, 3:].any()
+    masked, visible = mask_counts([6, 4, 1], 0.7)
+    assert masked == [num_masked(L, 0.7) for L in (6, 4, 1)] and visible == [6 - masked[0], 4 - masked[1], 1]
+    assert num_masked_tensor(torch.tensor([0, 1, 2, 5, 100]), 0.7).tolist() == [num_masked(L, 0.7) for L in (0, 1, 2, 5, 100)]

@@ -53,3 +53,31 @@ def test_code_stats_perplexity_and_usage():
     valid[:, 16:] = False  # padding is not counted
     codes[0, 16:, 0] = 15
     assert abs(float(code_stats(codes, valid, K=16)["code_usage"]) - 0.5) < 1e-6
+
+
+def test_ema_statistics_add_up_and_apply_as_one_step_or_not_at_all():
+    cfg = QuantizerConfig(kind="learned", codebook_size=16, code_dim=4, ema_decay=0.5)
+    q = Quantizer(cfg, 8)
+    x = torch.randn(4, 50, 8)
+    valid = torch.ones(4, 50, dtype=torch.bool)
+    valid[3, 20:] = False
+    codes = q(x)
+    # the EMA step by hand, on the valid tokens only
+    z, c = q.project(x)[valid][:, 0], codes[valid][:, 0]
+    count = torch.bincount(c, minlength=16).float()
+    total = torch.zeros(16, 4).index_add_(0, c, z)
+    ema_count, ema_sum = 0.5 * q.ema_count[0] + 0.5 * count, 0.5 * q.ema_sum[0] + 0.5 * total
+    # two halves' statistics, added, equal the whole batch's
+    a, b = q.update_stats(x[:2], codes[:2], valid[:2]), q.update_stats(x[2:], codes[2:], valid[2:])
+    whole = q.update_stats(x, codes, valid)
+    assert torch.allclose(a["count"] + b["count"], whole["count"]) and torch.allclose(a["total"] + b["total"], whole["total"], atol=1e-5)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    q.apply_update(whole, skip=torch.tensor(True))  # a step skipped on the device: nothing changes
+    q.apply_update(whole, skip=True)
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+    q.apply_update(whole, skip=torch.tensor(False))
+    assert torch.allclose(q.ema_count[0], ema_count) and torch.allclose(q.ema_sum[0], ema_sum, atol=1e-5)
+    alive = ema_count >= 1e-3
+    expected = torch.nn.functional.normalize(ema_sum / ema_count.clamp_min(1e-5)[:, None], dim=-1)
+    assert torch.allclose(q.codebook[0][alive], expected[alive], atol=1e-5)
+    assert torch.allclose(q.codebook.norm(dim=-1), torch.ones(1, 16), atol=1e-5)

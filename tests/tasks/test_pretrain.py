@@ -136,6 +136,81 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resumes_exactly(reference, tm
     assert_same_run(ref, out)
 
 
+def test_the_speed_paths_train_like_the_plain_path(reference, tmp_path, monkeypatch):
+    # compiled blocks, encoder tokens packed, token counts bucketed, fused AdamW (skips decided on the device):
+    # the same run as the plain path's reference, up to float rounding (losses within 1e-4 relative over 12
+    # steps). The compiler backend is aot_eager here (inductor's code generation takes minutes on 2 cores;
+    # tests/engine/test_speed.py compares inductor with SVQMAE_TEST_INDUCTOR=1)
+    import functools
+
+    from svqmae.engine import speed
+    from svqmae.tasks import pretrain as task
+
+    monkeypatch.setattr(task, "apply_speed", functools.partial(speed.apply_speed, backend="aot_eager"))
+    _, data, ref = reference
+    out = tmp_path / "speed"
+    pretrain([str(data)], out, tiny_cfg("train.torch_compile=on", "train.pack=on", "train.shape_bucket=8",
+                                        "train.fused_adamw=on"))
+    a, b = losses(ref), losses(out)
+    assert a.keys() == b.keys()
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
+    model = svqmae.load(out / "model")  # saved as any other model
+    assert model.extract(torch.zeros(1, 16000))[0][-1].shape[-1] == 32
+
+
+def test_backward_oom_is_retried_and_the_learned_quantizer_updates_once_per_step(tmp_path, monkeypatch, capfd):
+    from svqmae.model.quantizer import Quantizer
+
+    applied, stats = [], []
+    original_apply, original_stats = Quantizer.apply_update, Quantizer.update_stats
+    monkeypatch.setattr(Quantizer, "apply_update", lambda self, s, skip=False: (applied.append(1), original_apply(self, s, skip)))
+    monkeypatch.setattr(Quantizer, "update_stats", lambda self, *a, **k: (stats.append(1), original_stats(self, *a, **k))[1])
+    data = write_audio(tmp_path / "audio")
+    out = tmp_path / "oom_bw"
+    cfg = tiny_cfg("model.quantizer.kind=learned", "train.inject_faults=[oom@2, oom_backward@4, oom_backward@9]")
+    pretrain([str(data)], out, cfg)
+    err = capfd.readouterr().err
+    assert "step 4: out of memory in the backward pass on a batch of" in err and "retrying it split in two" in err
+    recs = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    assert sorted(recs) == list(range(1, STEPS + 1)) and recs[STEPS]["loss"] > 0  # the run went on to the end
+    assert [recs[s]["oom_retries"] for s in (1, 2, 3, 4, 8, 9, 12)] == [0, 1, 1, 2, 2, 3, 3]
+    assert len(applied) == STEPS  # one EMA step per optimizer step ...
+    assert len(stats) > STEPS  # ... although the retries computed statistics again
+
+
+def test_a_time_budget_decays_the_learning_rate_over_the_minutes_and_a_resume_continues_its_clock(tmp_path, monkeypatch,
+                                                                                                 capfd):
+    from svqmae.engine.schedules import TrainClock
+    from svqmae.tasks.pretrain import PretrainModule
+
+    now = {"t": 1000.0}  # a fake clock: each training batch takes 10 s
+    monkeypatch.setattr(TrainClock, "__init__", lambda self, now_fn=None: (
+        setattr(self, "now", lambda: now["t"]), setattr(self, "offset", 0.0), setattr(self, "started", None))[0])
+    monkeypatch.setattr(PretrainModule, "on_train_batch_start", lambda self, batch, idx: now.update(t=now["t"] + 10))
+    data = write_audio(tmp_path / "audio")
+    # 1 minute of budget (6 steps of the fake clock) long before 100 steps; bf16 autocast with fused AdamW and
+    # gradient clipping (allowed: bf16 has no gradient scaler); max_batch_seconds=auto (on a CPU: the preset's)
+    run = ["train.max_minutes=1", "train.max_steps=100", "train.precision=bf16", "train.fused_adamw=on",
+           "train.max_batch_seconds=auto", "train.ckpt_every_steps=100"]
+    pretrain([str(data)], tmp_path / "a", tiny_cfg(*run))
+    err = capfd.readouterr().err
+    assert "time budget of 1 minutes reached at step 6" in err and "batch: 120 s of audio" in err
+    lr = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
+          if "lr" in r}
+    peak = C.resolve("tiny").train.lr
+    assert sorted(lr) == [1, 2, 3, 4, 5, 6]
+    assert lr[6] == pytest.approx(0.05 * peak, rel=1e-6)  # decayed to the floor exactly when the budget ends
+    assert lr[3] < lr[2] < peak and lr[6] < lr[5] < lr[4] < lr[3]
+    # stopped at step 3 (SIGTERM), then resumed: it has the rest of the budget, and the same schedule
+    out = tmp_path / "b"
+    with pytest.raises(SystemExit):
+        pretrain([str(data)], out, tiny_cfg(*run, "train.inject_faults=[sigterm@3]"))
+    pretrain([str(data)], out, tiny_cfg(*run, "train.inject_faults=[sigterm@3]"))
+    again = {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    assert again == lr
+
+
 def test_global_norm_statistics_are_estimated_once_and_saved(tmp_path):
     data = write_audio(tmp_path / "audio")
     out = tmp_path / "run"

@@ -11,6 +11,7 @@ from .loader import (
     batch_loader,
     ctc_loader,
     pretrain_loader,
+    resolve_workers,
     split_heldout,
 )
 from .sources import (
@@ -28,6 +29,6 @@ from .sources import (
 )
 
 __all__ = ["AudioError", "read_audio", "resample", "CTCBatches", "EndlessBatches", "EpochBatches",
-           "WaveformBatches", "batch_loader", "ctc_loader", "pretrain_loader", "split_heldout", "DataError",
+           "WaveformBatches", "batch_loader", "ctc_loader", "pretrain_loader", "resolve_workers", "split_heldout", "DataError",
            "Problems", "check_source", "cut_fields", "cut_path", "cuts_to_rows", "load_cut", "load_source",
            "load_sources", "read_span", "write_manifest"]

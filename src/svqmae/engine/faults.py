@@ -4,12 +4,13 @@
   checkpoint is written, and the job exits with status 128 + signal number (143 / 130).
 - :class:`NonFiniteGuard`: a non-finite loss or gradient on ANY rank skips the update on EVERY rank
   (the decision is all-reduced, so no rank waits forever); N in a row stop the run.
-- :func:`forward_with_oom_retry`: out-of-memory on a batch -> free, retry it split in two; a second
-  out-of-memory stops the run with advice.
+- :func:`forward_with_oom_retry`: out-of-memory on a batch (in its forward or, through the module's
+  ``backward``, its backward pass) -> free, retry it split in two; a second out-of-memory stops the
+  run with advice.
 - :class:`RankHeartbeat` + :func:`explain_collective_failure`: a collective that times out (a hung or
   dead rank) ends the job with a message naming the rank that stopped reporting.
 - Fault injection (:func:`parse_faults`, :class:`FaultInjector`): ``KIND@STEP[:rankR]`` with KIND one
-  of ``nan``, ``oom``, ``sigterm``, ``sigkill``; each fault fires once per run directory.
+  of ``nan``, ``oom``, ``oom_backward``, ``sigterm``, ``sigkill``; each fault fires once per run directory.
 
 Checkpoint files (atomic, checksummed) are :mod:`svqmae.engine.checkpoint`.
 """
@@ -102,27 +103,53 @@ class StopSignals(pl.Callback):
 
 
 class NonFiniteGuard(pl.Callback):
-    """Before each optimizer step: if the loss or any gradient is non-finite on ANY rank, every rank drops
-    its gradients, so the optimizer skips the update (the step still counts, so step numbers, the
-    learning-rate schedule and the data order stay those of an undisturbed run). Counted in
-    ``pl_module.nonfinite_skipped``; ``max_in_a_row`` in a row stop the run."""
+    """Before each optimizer step: if the loss or any gradient is non-finite on ANY rank, every rank skips
+    the update (the step still counts, so step numbers, the learning-rate schedule and the data order
+    stay those of an undisturbed run). Counted in ``pl_module.nonfinite_skipped``; ``max_in_a_row`` in a
+    row stop the run. ``pl_module.update_skipped`` says whether this step's update is skipped.
 
-    def __init__(self, max_in_a_row: int):
-        self.max_in_a_row = max_in_a_row
+    Two ways: with a fused optimizer on CUDA, the decision stays on the device (the fused kernel skips
+    the update itself, given ``optimizer.found_inf``), so the step never waits for the host; the counts
+    are read, and the stop decided, every ``check_every`` steps and at the end. Otherwise (a CPU, where
+    reading a value costs nothing, or another optimizer) the decision is read on the host at once and
+    the optimizer is given no gradients (each step reports at once)."""
+
+    SKIP_ON_DEVICE: bool | None = None  # None: with a fused optimizer on CUDA (tests set True to run that way on a CPU)
+
+    def __init__(self, max_in_a_row: int, check_every: int = 10):
+        self.max_in_a_row, self.check_every = max_in_a_row, max(1, check_every)
         self.in_a_row = 0
         self.bad_loss = False
+        self.counts = None  # device mode: (skipped in all, in a row now, longest run since the last check, last bad step)
+        self.reported = 0
+
+    @classmethod
+    def on_device(cls, optimizer) -> bool:
+        """Whether the skip is decided on the device (a fused optimizer, on CUDA unless ``SKIP_ON_DEVICE``)."""
+        fused = bool(getattr(optimizer, "defaults", {}).get("fused"))
+        if cls.SKIP_ON_DEVICE is not None:
+            return fused and cls.SKIP_ON_DEVICE
+        return fused and any(p.is_cuda for group in optimizer.param_groups for p in group["params"][:1])
 
     def on_before_backward(self, trainer, pl_module, loss):
-        self.bad_loss |= not bool(torch.isfinite(loss.detach()).all())
+        finite = torch.isfinite(loss.detach()).all()
+        if self.on_device(trainer.optimizers[0]):
+            self.bad_loss = ~finite | self.bad_loss
+        else:
+            self.bad_loss |= not bool(finite)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self.on_device(optimizer):
+            self._flag_on_device(trainer, pl_module, optimizer, grads)
+            return
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
         bad = torch.tensor(float(self.bad_loss or not bool(finite)))
         self.bad_loss = False
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce(bad.to(trainer.strategy.root_device), reduce_op="sum")
-        if float(bad) == 0:
+        pl_module.update_skipped = float(bad) != 0
+        if not pl_module.update_skipped:
             self.in_a_row = 0
             return
         optimizer.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
@@ -135,6 +162,49 @@ class NonFiniteGuard(pl.Callback):
         if self.in_a_row >= self.max_in_a_row:
             raise TrainingAborted(
                 f"step {step}: {self.in_a_row} steps in a row had non-finite loss or gradients "
+                f"(limit train.max_nonfinite={self.max_in_a_row}); {last_good_checkpoint_hint(trainer)}. "
+                "Lower train.lr, raise train.warmup_steps or check the data, then rerun to resume from it"
+            )
+
+    def _flag_on_device(self, trainer, pl_module, optimizer, grads) -> None:
+        device = grads[0].device if grads else pl_module.device
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros((), device=device)
+        bad = (~torch.isfinite(norm) | self.bad_loss).float().reshape(())  # 0-dim, as a GradScaler's found_inf
+        self.bad_loss = False
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce(bad, reduce_op="sum").clamp(max=1)
+        optimizer.found_inf = bad  # read by the fused kernel: skip the update, keep the step count
+        optimizer.grad_scale = None
+        pl_module.update_skipped = bad > 0
+        if self.counts is None:
+            self.counts = torch.zeros(4, device=device)
+        total, run, longest, last = self.counts.unbind()
+        run = (run + 1) * bad
+        self.counts = torch.stack([total + bad, run, torch.maximum(longest, run),
+                                   torch.maximum(last, bad * (trainer.global_step + 1))])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.counts is not None and not (batch_idx + 1) % trainer.accumulate_grad_batches \
+                and trainer.global_step % self.check_every == 0:
+            self.check(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.counts is not None:
+            self.check(trainer, pl_module)
+
+    def check(self, trainer, pl_module) -> None:
+        """Device mode: read the counts (one host sync), report new skips, stop after too many in a row."""
+        total, run, longest, last = (int(v) for v in self.counts.tolist())
+        self.counts[2] = run  # the longest run since this check starts from the current one
+        pl_module.nonfinite_skipped = total
+        if total > self.reported:
+            where = " on at least one rank" if trainer.world_size > 1 else ""
+            log(f"steps up to {trainer.global_step}: {total - self.reported} update(s) skipped on every rank for "
+                f"non-finite loss or gradients{where} (the last at step {last}; {total} in all)")
+            self.reported = total
+        if longest >= self.max_in_a_row:
+            raise TrainingAborted(
+                f"by step {trainer.global_step}: {longest} steps in a row had non-finite loss or gradients "
                 f"(limit train.max_nonfinite={self.max_in_a_row}); {last_good_checkpoint_hint(trainer)}. "
                 "Lower train.lr, raise train.warmup_steps or check the data, then rerun to resume from it"
             )
@@ -155,19 +225,22 @@ def free_memory() -> None:
 
 
 def forward_with_oom_retry(forward: Callable, batch, split: Callable, combine: Callable, advice: str,
-                           on_retry: Callable[[], None] | None = None):
+                           on_retry: Callable[[], None] | None = None, split_first: bool = False):
     """``forward(batch)``; on out-of-memory: free, then ``combine([forward(part) for part in split(batch)])``
     with each part under activation checkpointing (its activations are recomputed during backward,
     one part at a time, so the peak memory is about half). ``forward`` must draw any randomness it
-    needs from its arguments, not from a shared generator, since it is run again in backward. A
-    second out-of-memory raises :class:`TrainingAborted` with ``advice``."""
-    try:
-        return forward(batch)
-    except OOM_ERRORS:
-        pass
-    free_memory()
-    if on_retry is not None:
-        on_retry()
+    needs from its arguments, not from a shared generator, since it is run again in backward, and
+    must change no state (it may run up to three times for one batch). A second out-of-memory raises
+    :class:`TrainingAborted` with ``advice``. ``split_first``: go straight to the split (the whole batch
+    already ran out of memory, e.g. in its backward pass)."""
+    if not split_first:
+        try:
+            return forward(batch)
+        except OOM_ERRORS:
+            pass
+        free_memory()
+        if on_retry is not None:
+            on_retry()
     try:
         parts = [torch.utils.checkpoint.checkpoint(forward, part, use_reentrant=False) for part in split(batch)]
         return combine(parts)
@@ -238,7 +311,7 @@ def explain_collective_failure(e: BaseException, heartbeat_dir: Path, timeout_mi
 
 # --------------------------------------------------------------------------- fault injection
 
-FAULT_KINDS = ("nan", "oom", "sigterm", "sigkill")
+FAULT_KINDS = ("nan", "oom", "oom_backward", "sigterm", "sigkill")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..model.io import CheckpointError
 from .checkpoint import AtomicCheckpointIO, PeriodicCheckpoint, TrainingAborted, check_resume, latest_checkpoint
 from .faults import (
@@ -32,6 +32,8 @@ from .faults import (
     parse_faults,
 )
 from .progress import ProgressLog, log
+from .schedules import TrainClock
+from .speed import adamw, resolve_speed
 
 
 class EngineModule(pl.LightningModule):
@@ -55,8 +57,14 @@ class EngineModule(pl.LightningModule):
         self.faults_record = faults_record
         self.faults: FaultInjector | None = None
         self.nonfinite_skipped = 0  # counted by NonFiniteGuard
+        self.update_skipped = False  # this step's update is skipped (NonFiniteGuard; a device tensor with fused AdamW)
         self.oom_retries = 0
         self.last_out: dict | None = None
+        self.speed = resolve_speed(t)  # compile, pack, fused AdamW, shape bucket on this device (engine.speed)
+        self.clock = TrainClock()  # seconds trained, across resumes (time budgets and schedules)
+
+    def on_train_start(self) -> None:
+        self.clock.start()
 
     def setup(self, stage: str) -> None:
         if self.fault_specs and self.faults_record is not None:  # the rank is known from here on
@@ -119,10 +127,22 @@ class EngineModule(pl.LightningModule):
         return [{"params": decay, "weight_decay": self.t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self):
-        # not fused: Lightning clips gradients under AMP
-        opt = torch.optim.AdamW(self.param_groups(), lr=self.t.lr, betas=tuple(self.t.betas))
+        opt = adamw(self.param_groups(), self.t, fused=self.speed.fused_adamw)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_schedule())
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Lightning refuses to clip for a fused optimizer under mixed precision, because such an optimizer
+        unscales fp16 gradients itself; bf16 autocast has no gradient scaler, so there is nothing to
+        unscale and clipping here (foreach, on the device, no host sync) is right."""
+        if gradient_clip_val and getattr(optimizer, "defaults", {}).get("fused"):
+            if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+                raise ConfigError("fused AdamW with fp16 loss scaling cannot clip gradients: use bf16 or 32, "
+                                  "or --set train.fused_adamw=off")
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- checkpoints
 
@@ -133,6 +153,7 @@ class EngineModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint[self.CONFIG_KEY] = self.checkpoint_config()
         checkpoint["data_pos"] = list(self.data_pos)
+        checkpoint["train_seconds"] = self.clock.elapsed()  # a resumed run continues the time budget's clock
         if self.streamed:  # every rank calls this together (Trainer.save_checkpoint): gather their positions
             mine = self._stream_state()
             if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -157,6 +178,7 @@ class EngineModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         self.data_pos = tuple(checkpoint.get("data_pos", (0, -1)))
         self.stream_saved = checkpoint.get("data_stream")
+        self.clock.offset = float(checkpoint.get("train_seconds", 0.0))
 
 
 class EngineData(pl.LightningDataModule):
@@ -174,6 +196,13 @@ class EngineData(pl.LightningDataModule):
     def val_dataloader(self):
         return self.val_fn() if self.val_fn is not None else []
 
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        """``host_lengths``: the lengths as a tuple, which stays on the host when the batch moves to the device,
+        so that a step can size its tensors without waiting for the device."""
+        if isinstance(batch, dict) and "lengths" in batch:
+            batch["host_lengths"] = tuple(batch["lengths"].tolist())
+        return batch
+
 
 def trainer_kwargs(t: TrainConfig) -> dict:
     """Lightning ``Trainer`` arguments from ``train.*``: devices, precision, DDP, budgets, clipping."""
@@ -190,9 +219,26 @@ def trainer_kwargs(t: TrainConfig) -> dict:
         val_check_interval=t.val_every * t.accumulate, check_val_every_n_epoch=None,
         log_every_n_steps=t.log_every, plugins=[AtomicCheckpointIO()],
     )
-    if t.max_minutes > 0:
-        kw["max_time"] = timedelta(minutes=t.max_minutes)
-    return kw
+    return kw  # the time budget is TimeBudget's (on the module's clock, which resumes where it stopped)
+
+
+class TimeBudget(pl.Callback):
+    """``train.max_minutes``: stop at the first optimizer step boundary after that much training time, on
+    the module's :class:`TrainClock` (whose elapsed time checkpoints carry, so a resumed run has only
+    the rest of the budget). Every rank stops at the same step."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.seconds <= 0 or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        stop = pl_module.clock.elapsed() >= self.seconds
+        if trainer.world_size > 1:
+            stop = trainer.strategy.broadcast(stop)
+        if stop:
+            trainer.should_stop = True
+            log(f"time budget of {self.seconds / 60:g} minutes reached at step {trainer.global_step}")
 
 
 def is_multi_device(kw: dict, t: TrainConfig) -> bool:
@@ -233,7 +279,8 @@ def run(module: EngineModule, data: EngineData, out: Path, t: TrainConfig, ckpt:
     kw = {**trainer_kwargs(t), **trainer_overrides}
     trainer = pl.Trainer(
         default_root_dir=str(out), logger=TensorBoardLogger(str(out), name="tensorboard", version=""),
-        callbacks=[progress, periodic, NonFiniteGuard(t.max_nonfinite), StopSignals(), RankHeartbeat(out / "heartbeat")],
+        callbacks=[NonFiniteGuard(t.max_nonfinite, t.log_every), progress, periodic, TimeBudget(t.max_minutes),
+                   StopSignals(), RankHeartbeat(out / "heartbeat")],
         **kw,
     )
     try:

@@ -74,8 +74,8 @@ class ProgressLog(pl.Callback):
         self.out, self.t, self.start_step = Path(out), t, start_step
         self.t0 = self.t_last = time.monotonic()
         self.audio = 0.0
-        self.sums: dict[str, float] = {}
-        self.n = 0
+        self.sums: dict = {}  # metric -> sum over the window's finite steps (a float, or a device tensor)
+        self.n = 0  # finite steps in the window (an int, or a device tensor when the metrics are tensors)
         self.last: dict = {}
         self.problems = problems
 
@@ -102,34 +102,53 @@ class ProgressLog(pl.Callback):
         if out is None:
             return
         self.audio += out.pop("audio_seconds", 0.0)
-        numbers = {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.last = out
-        if all(math.isfinite(v) for v in numbers.values()):  # a skipped non-finite step stays out of the means
-            for k, v in numbers.items():
-                self.sums[k] = self.sums.get(k, 0.0) + v
-            self.n += 1
+        self._accumulate(out)
         step, t = trainer.global_step, self.t
         if (batch_idx + 1) % t.accumulate or step % t.log_every:
             return
         now = time.monotonic()
         local = torch.tensor([self.audio, float(getattr(pl_module, "oom_retries", 0))], device=pl_module.device)
         audio, ooms = (float(v) for v in trainer.strategy.reduce(local, reduce_op="sum"))
-        means = {k: v / self.n for k, v in self.sums.items()} if self.n else {}
-        rec = {"step": step, "epoch": pl_module.data_pos[0], **pl_module.progress_record(means, self.last),
+        rec = {"step": step, "epoch": pl_module.data_pos[0], **pl_module.progress_record(self._means(), self.last),
                "lr": trainer.optimizers[0].param_groups[0]["lr"],
                "audio_seconds_per_s": audio / max(now - self.t_last, 1e-9), "elapsed_s": now - self.t0,
                "nonfinite_skipped": getattr(pl_module, "nonfinite_skipped", 0), "oom_retries": int(ooms)}
-        self.audio, self.sums, self.n, self.t_last = 0.0, {}, 0, now
+        self.audio, self.t_last = 0.0, now
         if not trainer.is_global_zero:
             return
         self._write(rec)
         eta = (t.max_steps - step) * (now - self.t0) / max(step - self.start_step, 1)
         if t.max_minutes > 0:
-            eta = min(eta, max(0.0, t.max_minutes * 60 - (now - self.t0)))
+            eta = min(eta, max(0.0, t.max_minutes * 60 - pl_module.clock.elapsed()))
         if rec.get("loss") is None:  # every step in the window was skipped
             return
         print(f"step {step}/{t.max_steps} | {pl_module.progress_line(rec)} | {rec['audio_seconds_per_s']:.0f} "
               f"audio-s/s | lr {rec['lr']:.2e} | ETA {fmt_duration(eta)}", file=sys.stderr, flush=True)
+
+    def _accumulate(self, out: dict) -> None:
+        """Add a step's metrics to the window's sums; a step with a non-finite metric (a skipped step)
+        stays out of the means. Device tensors are summed on the device, so the step never waits for it;
+        they are read once per logged step (:meth:`_means`)."""
+        numbers = {k: v for k, v in out.items() if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool)}
+        tensors = {k: v.detach().float().reshape(()) for k, v in numbers.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            ok = torch.isfinite(torch.stack(list(tensors.values()))).all()
+            for k, v in tensors.items():
+                self.sums[k] = self.sums.get(k, 0.0) + torch.where(ok, v, 0.0)
+            self.n = self.n + ok.long()
+        elif all(math.isfinite(v) for v in numbers.values()):
+            for k, v in numbers.items():
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.n += 1
+
+    def _means(self) -> dict[str, float]:
+        """The window's means (one host sync for all of them), then a fresh window."""
+        keys = list(self.sums)
+        values = [torch.as_tensor(self.sums[k]).float().cpu() for k in keys] + [torch.as_tensor(self.n).float().cpu()]
+        *sums, n = torch.stack(values).tolist() if keys else [float(self.n)]
+        self.sums, self.n = {}, 0
+        return {k: v / n for k, v in zip(keys, sums)} if n else {}
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or not trainer.is_global_zero:

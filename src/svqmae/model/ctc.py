@@ -111,7 +111,7 @@ class CTCModel(nn.Module):
             if self.backbone == "svqmae":
                 pos = torch.arange(T, device=tokens.device).expand(B, T)
                 valid = ~padding_mask(tok_len, T)
-                hidden = self.encoder(SVQMAE.embed_tokens(self, tokens, level, valid), pos, valid)  # L+1 x (B, T, D)
+                hidden = self.encoder(SVQMAE.embed_tokens(self, tokens, level[:, None], valid), pos, valid)  # L+1 x (B, T, D)
                 h = hidden[-1]
             else:
                 packed = nn.utils.rnn.pack_padded_sequence(self.lstm_in(tokens), tok_len.clamp_min(1).cpu(),

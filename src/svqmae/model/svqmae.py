@@ -5,6 +5,7 @@ Read top to bottom: front end -> encoder (visible tokens only) -> decoupled deco
 Shapes, everywhere in this file:
     B batch, S samples, N filterbank frames, F mel bins, T tokens (= N // stack), C = F * stack,
     V visible tokens (padded to the longest in the batch), M masked tokens in the whole batch,
+    P visible tokens of the whole batch end to end (packed layout, ``self.pack``),
     D encoder width, E decoder width, G codebooks, K codebook size.
 
 Mask polarity, stated once: ``mask[b, t] == True`` means token t is MASKED: the encoder never sees
@@ -20,10 +21,10 @@ from torch import nn
 from ..config import ModelConfig
 from . import io
 from .frontend import FilterbankFrontend
-from .masking import padding_mask, span_mask, visible_index
+from .masking import mask_counts, padding_mask, span_mask, true_positions, visible_index
 from .mixing import mix_utterances
 from .quantizer import Quantizer, code_stats
-from .transformer import Transformer, init_weights
+from .transformer import Transformer, init_weights, pack_rows
 
 
 def level_projection(n: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -65,6 +66,9 @@ class SVQMAE(nn.Module):
         self.apply(init_weights)
         if self.level_embed is not None:  # the level is ~5 in size (log-mel means near -7): start it small
             nn.init.normal_(self.level_embed.weight, std=0.005)  # beside the tokens' unit-scale content
+        # how, not what, the pre-training forward computes (set by the engine, see svqmae.engine.speed):
+        self.pack = False  # the encoder's visible tokens of the whole batch in one sequence (no padding)
+        self.shape_bucket = 1  # token counts (T, V, P) padded up to a multiple of this: shapes repeat
 
     @property
     def downsample_rate(self) -> int:
@@ -124,72 +128,102 @@ class SVQMAE(nn.Module):
     def forward(
         self, waves: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator
     ) -> dict[str, torch.Tensor]:
-        """One pre-training step's forward. waves: (B, S) 16 kHz; lengths: (B,) samples.
-        ``generator`` (CPU) draws the mixing (``model.mix``, training only) and the masks
-        (``model.mask.count`` per utterance: the front end and the quantizer run once, the encoder and
-        decoder on every masked copy). Returns the loss and metrics
-        (scalars; ``tokens`` and ``visible_tokens`` count the masked copies)."""
+        """One pre-training step's forward. waves: (B, S) 16 kHz; lengths: (B,) samples, best on the CPU:
+        the step's shapes (visible and masked token counts) are worked out from them on the host, so the
+        step never waits for the device (lengths on the device cost one wait). ``generator`` (CPU) draws
+        the mixing (``model.mix``, training only) and the masks (``model.mask.count`` per utterance: the
+        front end and the quantizer run once, the encoder and decoder on every masked copy). Returns the
+        loss and metrics (0-dim tensors on the device; ``tokens`` and ``visible_tokens`` count the masked
+        copies); in training with the learned quantizer also ``quantizer_stats``, its EMA step's
+        statistics (applied by the caller, once per optimizer step: ``model.quantizer.apply_update``)."""
+        host_len = lengths.cpu()  # free when already there
+        lengths = lengths.to(waves.device, non_blocking=True)
         # level: a statistic of the whole utterance, masked tokens included, as the per-utterance
         # normalization of the tokens is: 2F numbers, not the masked tokens' content
         tokens, tok_len, level = self.frontend(waves, lengths, with_level=True)  # (B, T, C), (B,), (B, 2F)
-        B, T, _ = tokens.shape
+        n_tok = self.frontend.num_tokens(host_len).clamp(max=tokens.shape[1]).tolist()  # host list, (B,)
+        T = self._bucket(tokens.shape[1])  # padded up: shapes repeat
+        tokens = F.pad(tokens, (0, 0, 0, T - tokens.shape[1]))  # (B, T, C)
         codes = self.quantizer(tokens)  # (B, T, G) targets
         valid = ~padding_mask(tok_len, T)  # (B, T)
-        if self.training:
-            self.quantizer.update(tokens, codes, valid)
-        stats = code_stats(codes, valid, self.cfg.quantizer.codebook_size)
+        out = {}
+        if self.training and self.cfg.quantizer.kind == "learned":
+            out["quantizer_stats"] = self.quantizer.update_stats(tokens, codes, valid, generator)
+        out.update(code_stats(codes, valid, self.cfg.quantizer.codebook_size))
         clean = tokens  # the reconstruction target, if any
         mix = self.cfg.mix
         if self.training and mix.prob > 0:  # WavLM's denoising: the encoder hears a mixture, the targets stay clean
             noisy = mix_utterances(waves, lengths, mix.prob, mix.max_share, mix.ratio_db, generator)  # (B, S)
             tokens, _, level = self.frontend(noisy, lengths, with_level=True)
+            tokens = F.pad(tokens, (0, 0, 0, T - tokens.shape[1]))  # (B, T, C)
         m = self.cfg.mask
         if m.count > 1:  # the same utterances under m.count masks (data2vec 2.0's multi-mask): B -> count * B
             tokens, codes, tok_len = tokens.repeat(m.count, 1, 1), codes.repeat(m.count, 1, 1), tok_len.repeat(m.count)
-            clean, level = clean.repeat(m.count, 1, 1), level.repeat(m.count, 1)
-        mask = span_mask(tok_len.cpu(), T, m.ratio, m.span, generator).to(tokens.device)  # (B, T)
+            clean, level, n_tok = clean.repeat(m.count, 1, 1), level.repeat(m.count, 1), n_tok * m.count
+        n_masked, n_vis = mask_counts(n_tok, m.ratio)  # host lists, (B,) each
+        mask = span_mask(tok_len, T, m.ratio, m.span, generator)  # (B, T), on the device
+        rows = true_positions(mask, sum(n_masked))  # (M,) the masked tokens, flat in (B * T)
         if self.cfg.variant == "svqmae":
-            latent, idx, n_vis = self.forward_encoder(tokens, mask, tok_len, level)  # (B, V, D)
-            h = self.forward_decoder(latent, idx, n_vis, mask, tok_len)  # (M, E)
+            latent, slot = self.forward_encoder(tokens, mask, tok_len, level, n_vis)  # (B, V, D) or packed (1, P, D)
+            h = self.forward_decoder(latent, slot, mask, tok_len, rows)  # (M, E)
         else:
-            h = self.forward_encoder_only(tokens, mask, tok_len, level)  # (M, D)
-        out = self.forward_loss(h, codes, clean, mask)
-        out.update(stats)
+            h = self.forward_encoder_only(tokens, mask, tok_len, level, rows)  # (M, D)
+        out.update(self.forward_loss(h, codes, clean, rows))
         valid = ~padding_mask(tok_len, T)
         out["visible_tokens"] = (valid & ~mask).sum().float()
         out["tokens"] = valid.sum().float()
         return out
 
     def embed_tokens(self, tokens, level, valid):
-        """tokens: (B, N, C) -> embeddings (B, N, D); with ``model.features.level``, the utterance's level
-        (B, 2F) is added to every real token. Padded slots carry nothing of any real token."""
-        x = self.embed[1](self.embed[0](tokens * valid[..., None]))  # (B, N, D), LayerNorm-ed
+        """tokens: (R, L, C) -> embeddings (R, L, D), rows of utterances (R = B, L = T or V) or the packed
+        row (R = 1, L = P); with ``model.features.level``, the utterance's level (R, 1 or L, 2F) is added to
+        every real token. Padded slots carry nothing of any real token."""
+        x = self.embed[1](self.embed[0](tokens * valid[..., None]))  # (R, L, D), LayerNorm-ed
         if getattr(self, "level_embed", None) is not None:  # after the LayerNorm: the level stays linear
             if level is None:
                 raise ValueError("this model (model.features.level) needs each utterance's level: "
                                  "frontend(waves, lengths, with_level=True)")
-            x = x + self.level_embed(level)[:, None] * valid[..., None]
+            x = x + self.level_embed(level) * valid[..., None]
         return self.embed[2](x)
 
-    def forward_encoder(self, tokens, mask, tok_len, level=None):
+    def forward_encoder(self, tokens, mask, tok_len, level=None, n_vis: list[int] | None = None):
         """Encoder on the visible tokens only, positioned by their original indices.
-        tokens: (B, T, C), level (B, 2F) or None -> latent (B, V, D), idx (B, V), n_vis (B,)."""
-        idx, n_vis = visible_index(mask, tok_len)  # (B, V), (B,)
-        valid = ~padding_mask(n_vis, idx.shape[1])  # (B, V)
-        x = torch.gather(tokens, 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, V, C)
-        x = self.embed_tokens(x, level, valid)  # (B, V, D)
-        return self.encoder(x, idx, valid)[-1], idx, n_vis
 
-    def forward_decoder(self, latent, idx, n_vis, mask, tok_len):
+        tokens: (B, T, C); level: (B, 2F) or None (see :meth:`embed_tokens`); n_vis: visible tokens per utterance, known on the host (None: counted on the
+        device, which waits for it). Returns latent (B, V, D), or with ``self.pack`` the visible tokens of
+        the whole batch end to end, (1, P, D); and slot, of the same (rows, L) shape: where each latent
+        row goes in the decoder's (B, T + 1) grid, flattened (padding -> a row's sink slot t = T)."""
+        B, T, C = tokens.shape
+        V = None if n_vis is None else self._bucket(max(n_vis, default=0))
+        idx, n_visible = visible_index(mask, tok_len, V)  # (B, V), (B,)
+        V = idx.shape[1]
+        valid = ~padding_mask(n_visible, V)  # (B, V)
+        b = torch.arange(B, device=idx.device)[:, None]  # (B, 1)
+        src = idx + T * b  # (B, V) flat index into (B * T)
+        slot = torch.where(valid, idx, T) + (T + 1) * b  # (B, V) flat index into (B * (T + 1))
+        pos, packed = idx, None
+        lev = None if level is None else level[:, None]  # (B, 1, 2F)
+        if self.pack and n_vis is not None:  # one row of P tokens: no padding but the bucket's tail
+            packed = pack_rows(valid, n_vis, self.shape_bucket)
+            rows = packed.rows  # (P,) places in (B * V)
+            real = torch.arange(rows.shape[0], device=rows.device) < packed.total  # (P,)
+            src, pos = src.flatten()[rows][None], idx.flatten()[rows][None]  # (1, P)
+            slot = torch.where(real, slot.flatten()[rows], T)[None]  # (1, P); the tail -> row 0's sink
+            valid = real[None]
+            lev = None if level is None else level[src // T]  # (1, P, 2F): each token's utterance's
+        x = tokens.flatten(0, 1)[src]  # (B, V, C) or (1, P, C)
+        x = self.embed_tokens(x, lev, valid)  # (B, V, D) or (1, P, D)
+        return self.encoder(x, pos, valid, packed)[-1], slot
+
+    def forward_decoder(self, latent, slot, mask, tok_len, rows: torch.Tensor | None = None):
         """Put encoder outputs back in place, mask embedding elsewhere; decode; keep masked rows.
-        latent: (B, V, D) -> (M, E)."""
-        B, V, _ = latent.shape
-        T = mask.shape[1]
-        y = self.enc_to_dec(latent)  # (B, V, E)
+        latent: (B, V, D) or (1, P, D); slot: its places (see forward_encoder); rows: (M,) flat
+        positions of the masked tokens (None: from ``mask``, which waits for the device) -> (M, E)."""
+        B, T = mask.shape
+        y = self.enc_to_dec(latent)  # (B, V, E) or (1, P, E)
         E = y.shape[-1]
-        full = self.mask_embed.to(y.dtype).expand(B, T + 1, E).clone()  # (B, T+1, E); slot T is a sink
-        dest = idx.masked_fill(padding_mask(n_vis, V), T)  # padded visible slots land in the sink
-        full.scatter_(1, dest[..., None].expand(-1, -1, E), y)
+        full = self.mask_embed.to(y.dtype).expand(B * (T + 1), E).clone()  # slot t = T of each row is a sink
+        full = full.scatter(0, slot.reshape(-1, 1).expand(-1, E), y.reshape(-1, E)).view(B, T + 1, E)
         pos = torch.arange(T, device=y.device).expand(B, T)
         valid = ~padding_mask(tok_len, T)  # (B, T)
         x = full[:, :T]
@@ -197,31 +231,39 @@ class SVQMAE(nn.Module):
             x = x * valid[..., None]
             x = x + F.gelu(self.dec_conv(x.transpose(1, 2)).transpose(1, 2))
         x = self.decoder(x, pos, valid)[-1]  # (B, T, E)
-        return x[mask]  # (M, E)
+        return x.flatten(0, 1)[self._rows(mask, rows)]  # (M, E)
 
-    def forward_encoder_only(self, tokens, mask, tok_len, level=None):
+    def forward_encoder_only(self, tokens, mask, tok_len, level=None, rows: torch.Tensor | None = None):
         """Ablation: the encoder sees all tokens, masked ones replaced by the mask embedding. -> (M, D)"""
         B, T, _ = tokens.shape
         valid = ~padding_mask(tok_len, T)  # (B, T)
-        x = self.embed_tokens(tokens, level, valid)  # (B, T, D)
+        x = self.embed_tokens(tokens, None if level is None else level[:, None], valid)  # (B, T, D)
         x = torch.where(mask[..., None], self.mask_embed.to(x.dtype), x)
         pos = torch.arange(T, device=x.device).expand(B, T)
-        return self.encoder(x, pos, valid)[-1][mask]
+        return self.encoder(x, pos, valid)[-1].flatten(0, 1)[self._rows(mask, rows)]
 
-    def forward_loss(self, h, codes, tokens, mask):
+    def forward_loss(self, h, codes, tokens, rows):
         """Cross-entropy on the codes of the masked tokens (+ optional filterbank reconstruction).
-        h: (M, E); codes: (B, T, G); tokens: (B, T, C)."""
+        h: (M, E); codes: (B, T, G); tokens: (B, T, C); rows: (M,) the masked tokens, flat in (B * T)."""
         G, K = self.cfg.quantizer.num_codebooks, self.cfg.quantizer.codebook_size
         logits = self.head(h).float().view(-1, G, K)  # (M, G, K)
-        target = codes[mask]  # (M, G)
+        target = codes.flatten(0, 1)[rows]  # (M, G)
         ce = F.cross_entropy(logits.reshape(-1, K), target.reshape(-1))
         out = {"ce": ce, "masked_acc": (logits.argmax(-1) == target).float().mean()}
         loss = ce
         if self.recon_head is not None:
-            out["recon"] = F.mse_loss(self.recon_head(h).float(), tokens[mask].float())
+            out["recon"] = F.mse_loss(self.recon_head(h).float(), tokens.flatten(0, 1)[rows].float())
             loss = loss + self.cfg.recon_weight * out["recon"]
         out["loss"] = loss
         return out
+
+    def _bucket(self, n: int) -> int:
+        """n rounded up to a multiple of ``shape_bucket``."""
+        return -(-n // self.shape_bucket) * self.shape_bucket
+
+    @staticmethod
+    def _rows(mask: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        return true_positions(mask, int(mask.sum())) if rows is None else rows
 
     # ---- feature extraction: no masking, every token, every layer
 
@@ -240,7 +282,7 @@ class SVQMAE(nn.Module):
         B, T, _ = tokens.shape
         pos = torch.arange(T, device=waves.device).expand(B, T)
         valid = ~padding_mask(tok_len, T)
-        hidden = self.encoder(SVQMAE.embed_tokens(self, tokens, level, valid), pos, valid)  # L+1 x (B, T, D)
+        hidden = self.encoder(SVQMAE.embed_tokens(self, tokens, level[:, None], valid), pos, valid)  # L+1 x (B, T, D)
         if self.cfg.features.level_state if level_state is None else level_state:
             if not hasattr(self, "level_proj"):
                 raise ValueError("this model has no level state (saved with model.features.level_state off)")

@@ -14,21 +14,33 @@ weights as an uninterrupted one (CPU, ``num_workers`` any).
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 
 from .. import config as C
-from ..data import AudioError, DataError, Problems, load_cut, load_sources, pretrain_loader, split_heldout
+from ..data import (
+    AudioError,
+    DataError,
+    Problems,
+    load_cut,
+    load_sources,
+    pretrain_loader,
+    resolve_workers,
+    split_heldout,
+)
 from ..data.loader import shar_loader
 from ..data.shar import is_shar, open_shars, shar_heldout
 from ..engine.args import add_config_args, add_engine_args, add_fault_injection_arg, resolve_args
+from ..engine.autobatch import resolve_batch_seconds
 from ..engine.checkpoint import TrainingAborted
-from ..engine.faults import forward_with_oom_retry
+from ..engine.faults import forward_with_oom_retry, free_memory
 from ..engine.module import EngineData, EngineModule, resume_point, run
 from ..engine.progress import log, quiet_lightning
 from ..engine.schedules import warmup_cosine
+from ..engine.speed import apply_speed, device_type
 from ..model import SVQMAE, save_model
 
 # --------------------------------------------------------------------------- lightning module
@@ -39,6 +51,8 @@ class PretrainModule(EngineModule):
         super().__init__(cfg.train, faults_record)
         self.cfg = cfg
         self.model = SVQMAE(cfg.model)
+        self.quantizer_stats: dict | None = None  # the learned quantizer's EMA statistics of this optimizer step
+        self.retry = None  # (forward, batch) of the step, should its backward pass run out of memory
 
     def training_step(self, batch, batch_idx):
         step, rank, micro, faults = self.begin_step(batch, batch_idx)
@@ -49,45 +63,85 @@ class PretrainModule(EngineModule):
         def forward(b):  # its masks come from (step, rank, micro, part): the same when recomputed
             if armed[0] and faults.take("oom", step + 1):
                 raise torch.OutOfMemoryError("injected out-of-memory (--inject-fault oom)")
-            return self.model(b["waves"], b["lengths"], self.generator(1, step, rank, micro, *b.get("part", ())))
+            lengths = torch.tensor(b["host_lengths"]) if "host_lengths" in b else b["lengths"]
+            return self.model(b["waves"], lengths, self.generator(1, step, rank, micro, *b.get("part", ())))
 
         out = forward_with_oom_retry(forward, batch, _split_batch, _combine_outputs, self._oom_advice(),
                                      on_retry=lambda: self._on_oom(step + 1, batch))
         armed[0] = False
+        self.retry = (forward, batch, step + 1, faults)
+        if "quantizer_stats" in out:  # applied once per optimizer step (on_before_optimizer_step)
+            self.quantizer_stats = _add_stats(self.quantizer_stats, out.pop("quantizer_stats"))
         if faults is not None and faults.take("nan", step + 1):
             out["loss"] = out["loss"] * float("nan")
-        self.last_out = {k: float(v.detach()) for k, v in out.items()}
-        self.last_out["audio_seconds"] = float(batch["lengths"].sum()) / self.cfg.model.features.sample_rate
+        self.last_out = {k: v.detach() for k, v in out.items()}  # read on the host only when logged
+        lengths = batch.get("host_lengths", batch["lengths"].tolist())
+        self.last_out["audio_seconds"] = sum(lengths) / self.cfg.model.features.sample_rate
         self.log_dict({f"train/{k}": v for k, v in out.items() if k not in ("tokens", "visible_tokens")},
                       on_step=True, prog_bar=False, batch_size=batch["waves"].shape[0])
         return out["loss"]
 
     def _oom_advice(self) -> str:
-        t = self.cfg.train
-        return (f"lower train.max_batch_seconds (now {t.max_batch_seconds:g}; e.g. --set train.max_batch_seconds="
-                f"{max(t.max_utt_seconds, t.max_batch_seconds / 2):g}) and raise train.accumulate to keep the "
+        t, b = self.cfg.train, self.batch_seconds
+        return (f"lower train.max_batch_seconds (now {b:g}; e.g. --set train.max_batch_seconds="
+                f"{max(t.max_utt_seconds, b / 2):g}) and raise train.accumulate to keep the "
                 f"effective batch, or lower train.max_utt_seconds (now {t.max_utt_seconds:g}); then rerun to resume")
 
-    def _on_oom(self, step: int, batch) -> None:
+    @property
+    def batch_seconds(self) -> float:
+        """``train.max_batch_seconds`` as the run uses it (an automatic one resolved)."""
+        b = getattr(self, "resolved_batch_seconds", None) or self.cfg.train.max_batch_seconds
+        return b if b != "auto" else C.preset_batch_seconds(self.cfg.preset)
+
+    def _on_oom(self, step: int, batch, where: str = "") -> None:
         self.oom_retries += 1
-        secs = float(batch["lengths"].sum()) / self.cfg.model.features.sample_rate
-        print(f"[rank {self.global_rank}] step {step}: out of memory on a batch of {batch['waves'].shape[0]} "
+        secs = sum(batch.get("host_lengths", batch["lengths"].tolist())) / self.cfg.model.features.sample_rate
+        print(f"[rank {self.global_rank}] step {step}: out of memory{where} on a batch of {batch['waves'].shape[0]} "
               f"utterances ({secs:.0f} s of audio); retrying it split in two ({self.oom_retries} so far)",
               file=sys.stderr, flush=True)
         if batch["waves"].shape[0] < 2:
             raise TrainingAborted(f"step {step}: out of memory on a single utterance; {self._oom_advice()}")
 
     def backward(self, loss, *args, **kwargs):
+        """Backward; on out-of-memory, drop the step's graph and gradients and redo the batch split in two
+        (activation checkpointing, as a forward out-of-memory does). Possible when this is the step's only
+        backward so far (no gradients accumulated from earlier micro-batches) on a single device."""
+        fresh = all(p.grad is None for p in self.model.parameters())
+        forward, batch, step, faults = self.retry or (None, None, self.global_step + 1, None)
+        self.retry = None  # the batch is not kept past its step
         try:
-            super().backward(loss, *args, **kwargs)
+            with _injected_backward_oom(self.model, faults is not None and faults.take("oom_backward", step)):
+                return super().backward(loss, *args, **kwargs)
         except torch.OutOfMemoryError:
-            raise TrainingAborted(f"step {self.global_step + 1}: out of memory in the backward pass; "
+            if forward is None or not fresh or self.trainer.world_size > 1:
+                why = "several devices" if self.trainer.world_size > 1 else "gradients of earlier micro-batches"
+                raise TrainingAborted(f"step {step}: out of memory in the backward pass ({why}: it cannot be "
+                                      f"retried); {self._oom_advice()}") from None
+        loss.detach_()  # Lightning still holds the loss: detaching it frees the graph and its activations
+        self.model.zero_grad(set_to_none=True)  # what the failed pass had accumulated
+        free_memory()
+        self._on_oom(step, batch, " in the backward pass")
+        with self.trainer.precision_plugin.forward_context():
+            out = forward_with_oom_retry(forward, batch, _split_batch, _combine_outputs, self._oom_advice(),
+                                         split_first=True)  # its quantizer statistics were kept the first time
+        try:
+            super().backward(out["loss"], *args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise TrainingAborted(f"step {step}: out of memory again in the backward pass of a batch split in two; "
                                   f"{self._oom_advice()}") from None
+
+    def on_before_optimizer_step(self, optimizer):
+        """The learned quantizer's EMA step: once per optimizer step (whatever the micro-batches, retries or
+        recomputations), not on a step skipped as non-finite."""
+        if self.quantizer_stats is not None:
+            self.model.quantizer.apply_update(self.quantizer_stats, skip=self.update_skipped)
+            self.quantizer_stats = None
 
     def validation_step(self, batch, batch_idx):
         if batch["waves"].shape[0] == 0:
             return
-        out = self.model(batch["waves"], batch["lengths"], self.generator(2, batch_idx))  # fixed masks
+        lengths = torch.tensor(batch["host_lengths"]) if "host_lengths" in batch else batch["lengths"]
+        out = self.model(batch["waves"], lengths, self.generator(2, batch_idx))  # fixed masks
         n = batch["waves"].shape[0]
         for k in ("loss", "masked_acc", "code_perplexity"):
             self.log(f"val/{k}", out[k], on_epoch=True, sync_dist=True, batch_size=n)
@@ -103,7 +157,7 @@ class PretrainModule(EngineModule):
         return f"loss {rec['loss']:.3f} | acc {rec['masked_acc']:.3f} | ppl {rec['code_perplexity']:.0f}"
 
     def lr_schedule(self):
-        return warmup_cosine(self.cfg.train)
+        return warmup_cosine(self.cfg.train, self.clock.elapsed)
 
     def checkpoint_config(self) -> dict:
         return C.to_dict(self.cfg)
@@ -112,11 +166,37 @@ class PretrainModule(EngineModule):
 def _split_batch(batch: dict) -> list[dict]:
     """A padded batch -> two halves (by utterance), each trimmed to its own longest utterance."""
     half = (batch["waves"].shape[0] + 1) // 2
+    host = tuple(batch.get("host_lengths", batch["lengths"].tolist()))
     parts = []
     for i, sl in enumerate((slice(0, half), slice(half, None))):
-        lengths = batch["lengths"][sl]
-        parts.append({"waves": batch["waves"][sl, : int(lengths.max())], "lengths": lengths, "part": (i + 1,)})
+        part = {"waves": batch["waves"][sl, : max(host[sl])], "lengths": batch["lengths"][sl], "part": (i + 1,)}
+        parts.append(dict(part, host_lengths=host[sl]))
     return parts
+
+
+def _add_stats(a: dict | None, b: dict) -> dict:
+    """The learned quantizer's EMA statistics of two batches together (counts and sums add up)."""
+    if a is None:
+        return b
+    return {"count": a["count"] + b["count"], "total": a["total"] + b["total"], "spare": a["spare"]}
+
+
+class _injected_backward_oom:
+    """``--inject-fault oom_backward@STEP``: an out-of-memory error in the middle of the backward pass (once
+    part of the gradients exist), raised from a hook on the first encoder block's weights."""
+
+    def __init__(self, model, fire: bool):
+        self.model, self.fire, self.handle = model, fire, None
+
+    def __enter__(self):
+        if self.fire:
+            def hook(grad):
+                raise torch.OutOfMemoryError("injected out-of-memory in the backward pass (--inject-fault oom_backward)")
+            self.handle = self.model.encoder.blocks[0].qkv.weight.register_hook(hook)
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.remove()
 
 
 def _combine_outputs(outs: list[dict]) -> dict:
@@ -126,7 +206,9 @@ def _combine_outputs(outs: list[dict]) -> dict:
     total = sum(w)
     combined = {}
     for k in outs[0]:
-        if k in ("tokens", "visible_tokens"):
+        if k == "quantizer_stats":
+            combined[k] = _add_stats(outs[0][k], outs[1][k]) if len(outs) == 2 else outs[0][k]
+        elif k in ("tokens", "visible_tokens"):
             combined[k] = sum(o[k] for o in outs)
         elif k in ("loss", "ce", "masked_acc", "recon"):
             combined[k] = sum(o[k] * wi for o, wi in zip(outs, w)) / total.clamp_min(1)
@@ -199,7 +281,7 @@ def training_data(sources: list[str], out: Path, t: C.TrainConfig, problems: Pro
         log(f"data: {shar.describe()}, streamed; {len(val_cuts)} held out")
 
         def train_loader(start):
-            return shar_loader(shar, t.max_batch_seconds, t.max_utt_seconds, t.num_buckets, t.num_workers, t.seed,
+            return shar_loader(shar, module.resolved_batch_seconds, t.max_utt_seconds, t.num_buckets, t.num_workers, t.seed,
                                t.stream_buffer, exclude=held, min_seconds=min_s, resume=module.stream_saved,
                                speed=t.speed_perturb)
 
@@ -221,7 +303,7 @@ def training_data(sources: list[str], out: Path, t: C.TrainConfig, problems: Pro
         log(f"data: {len(train_cuts)} utterances ({hours:.2f} h) for training, {len(val_cuts)} held out{note}")
 
     def train_loader(start):
-        return pretrain_loader(train_cuts, t.max_batch_seconds, t.max_utt_seconds, t.num_buckets,
+        return pretrain_loader(train_cuts, module.resolved_batch_seconds, t.max_utt_seconds, t.num_buckets,
                                t.num_workers, t.seed, shuffle=True, start=start, buffer_size=t.stream_buffer,
                                speed=t.speed_perturb)
 
@@ -245,12 +327,16 @@ def pretrain(sources: list[str], out: str | Path, cfg: C.Config) -> Path:
     if cfg.model.features.norm == "global" and ckpt is None:  # on resume they come with the checkpoint
         n, h = estimate_global_stats(module.model, sample)
         log(f"filterbank statistics (model.features.norm=global) from {n} utterances ({h:.2f} h)")
-    t = cfg.train
+    t, speed = cfg.train, module.speed
+    apply_speed(module.model, replace(speed, compile=False))  # the layout first: the batch search runs eagerly
+    batch_seconds = module.resolved_batch_seconds = resolve_batch_seconds(cfg, out, module.model, speed, device_type())
+    apply_speed(module.model, speed)
+    log(f"speed: {speed.describe()}; {resolve_workers(t.num_workers)} loader workers")
 
     def val_loader():
         if val_cuts is None or len(val_cuts) == 0:
             return []
-        return pretrain_loader(val_cuts, t.max_batch_seconds, t.max_utt_seconds, 1, 0, t.seed, shuffle=False)
+        return pretrain_loader(val_cuts, batch_seconds, t.max_utt_seconds, 1, 0, t.seed, shuffle=False)
 
     trainer, progress = run(module, EngineData(module, train_loader, val_loader), out, t, ckpt, start_step,
                             problems, "pretrain")
