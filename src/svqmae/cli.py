@@ -32,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ConfigError, DataError, AudioError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, AudioError, CheckpointError) as e:
         print(f"svqmae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file that is not there, or a write that fails midway (disk full, read-only)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"svqmae {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"svqmae {args.command}: interrupted", file=sys.stderr)

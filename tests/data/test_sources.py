@@ -181,9 +181,12 @@ def test_a_manifest_with_seconds_is_not_probed_and_a_large_one_is_lazy(tmp_path,
     assert lazy.is_lazy and [c.id for c in lazy] == [c.id for c in cuts] and len(lazy) == 5
     cuts.to_file(tmp_path / "cuts.jsonl.gz")
     assert load_source(tmp_path / "cuts.jsonl.gz", Problems()).is_lazy
-    (tmp_path / "gap.tsv").write_text("path\tseconds\nu0.wav\t\n")
-    with pytest.raises(DataError, match="gap.tsv: row 2: empty 'seconds'"):
-        list(load_source(tmp_path / "gap.tsv", Problems()))
+    # an empty cell: that file alone is probed (as evaluation's strict read does), an unreadable one skipped
+    (tmp_path / "gap.tsv").write_text("path\tseconds\nu0.wav\t\nbad.wav\t\nu1.wav\t1.0\n")
+    gaps = Problems()
+    got = list(load_source(tmp_path / "gap.tsv", gaps))
+    assert [(c.id, round(c.duration, 3)) for c in got] == [("u0.wav", 1.0), ("u1.wav", 1.0)]
+    assert len(gaps) == 1 and "gap.tsv: row 3" in gaps.items[0][1] and "bad.wav" in gaps.items[0][1]
 
 
 def test_a_folder_is_probed_once_then_read_from_the_run_cache(tmp_path, monkeypatch):

@@ -16,12 +16,23 @@ class DataError(ValueError):
 
 @dataclass
 class Problems:
-    """Files that could not be used, with the reason: (path, reason)."""
+    """Files that could not be used, with the reason: (path, reason), each file once however often it
+    was tried (a training run meets a bad file once per epoch). ``repeated``: items listed more than
+    once (path, message), of which one copy was kept."""
 
     items: list[tuple[str, str]] = field(default_factory=list)
+    repeated: list[tuple[str, str]] = field(default_factory=list)
+    _seen: set = field(default_factory=set, init=False, repr=False, compare=False)
+    _synced: int = field(default=0, init=False, repr=False, compare=False)
 
     def add(self, path: str, reason: str) -> None:
-        self.items.append((str(path), reason))
+        path = str(path)
+        if self._synced != len(self.items):  # ``items`` was extended directly
+            self._seen, self._synced = {p for p, _ in self.items}, len(self.items)
+        if path not in self._seen:
+            self._seen.add(path)
+            self.items.append((path, reason))
+            self._synced += 1
 
     def __len__(self) -> int:
         return len(self.items)

@@ -99,12 +99,21 @@ def scan_folder(folder: Path, problems: Problems, cache: Path | None = None) -> 
         if cached is not None:
             return cached
     mine = Problems()
-    recs = _probe_all([(str(p.relative_to(folder).with_suffix("")), p) for p in files], mine)
+    recs = _probe_all(list(zip(_file_ids(folder, files), files)), mine)
     cuts = CutSet.from_cuts(rec.to_cut() for rec in recs.values())
     if cache is not None:
         _write_probe_cache(folder, cuts, mine, cache)
-    problems.items.extend(mine.items)
+    for path, reason in mine.items:
+        problems.add(path, reason)
     return cuts
+
+
+def _file_ids(folder: Path, files: list[Path]) -> list[str]:
+    """Cut ids of a folder's files: the path relative to the folder without its extension, or with it
+    where two files would share an id (``a.wav`` and ``a.flac``: both kept, as ``a.wav`` and ``a.flac``)."""
+    stems = [str(p.relative_to(folder).with_suffix("")) for p in files]
+    count = Counter(stems)
+    return [s if count[s] == 1 else str(p.relative_to(folder)) for s, p in zip(stems, files)]
 
 
 def _probe_cache_paths(folder: Path, cache: Path) -> tuple[Path, Path]:
@@ -124,7 +133,8 @@ def _read_probe_cache(folder: Path, files: list[Path], cache: Path, problems: Pr
         return None
     if sorted([cut_path(c) for c in cuts] + [r[0] for r in rows]) != [str(p) for p in files]:
         return None
-    problems.items.extend((r[0], r[1]) for r in rows)
+    for path, reason in rows:
+        problems.add(path, reason)
     return cuts
 
 
@@ -197,6 +207,24 @@ def _row_segment(row: dict, where: str, known: float | None) -> tuple[float, flo
     return start, (end if known is None else min(end, known))
 
 
+def length_tolerance(seconds: float) -> float:
+    """How far a file's decoded length may fall short of what its manifest says: rounding of the
+    ``seconds`` column and resampling, never a lost part (0.1 s, or 1% of long files)."""
+    return max(0.1, 0.01 * seconds)
+
+
+def _length_lie(row: dict, where: str, known: float) -> str | None:
+    """What is wrong when a row's ``seconds`` (whole file) or ``end`` lies past the probed length
+    ``known`` of its file (a truncated file, or a wrong manifest), else None."""
+    end = _seconds(row, "end", where)
+    secs = _seconds(row, "seconds", where) if end is None and not (row.get("start") or "").strip() else None
+    said = end if end is not None else secs
+    if said is not None and said - known > length_tolerance(said):
+        what = f"'end' is {said:g} s" if end is not None else f"'seconds' is {said:g}"
+        return f"holds {known:.2f} s of audio but the manifest's {what} (a truncated file, or a wrong manifest)"
+    return None
+
+
 def _row_cut(row: dict, rel: str, cut_id: str, rec: Recording, start: float, end: float):
     """A manifest row -> a cut of ``rec`` from ``start`` to ``end`` carrying label, text and speaker."""
     label = (row.get("label") or "").strip()
@@ -217,10 +245,18 @@ def _unprobed_recording(rel: str, path: Path, end: float) -> Recording:
 
 class LazyManifestCuts:
     """The cuts of a TSV/CSV manifest with a ``seconds`` column, read row by row on every pass (for
-    ``CutSet(...)``: lazy, never whole in memory, no file opened until its audio is read)."""
+    ``CutSet(...)``: lazy, never whole in memory, no file opened until its audio is read; a row whose
+    ``seconds`` cell is empty has its file probed, and an unreadable one goes to ``problems``)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, problems: Problems | None = None):
+        self.path, self.problems = path, problems if problems is not None else Problems()
+
+    def _probed(self, rel: str, where: str) -> Recording | None:
+        try:
+            return _recording(rel, self.path.parent / rel)
+        except AudioError as e:
+            self.problems.add(str(self.path.parent / rel), f"{where}: {e}")
+            return None
 
     def __iter__(self):
         with open(self.path, encoding="utf-8-sig", newline="") as f:
@@ -231,12 +267,19 @@ class LazyManifestCuts:
                     continue
                 row = dict(zip(header, values))
                 rel = _row_path(row, i, self.path)
-                start, end = _row_segment(row, f"{self.path}: row {i + 2}", None)
+                where = f"{self.path}: row {i + 2}"
+                rec = None
+                if not (row.get("seconds") or "").strip() and not (row.get("end") or "").strip():
+                    rec = self._probed(rel, where)  # an empty cell: the file says how long it is
+                    if rec is None:
+                        continue
+                start, end = _row_segment(row, where, None if rec is None else rec.duration)
                 if end - start <= 0:
                     continue
                 cut_id = rel if rel not in used else f"{rel}#{i + 2}"
                 used.add(cut_id)
-                yield _row_cut(row, rel, cut_id, _unprobed_recording(rel, self.path.parent / rel, end), start, end)
+                rec = rec or _unprobed_recording(rel, self.path.parent / rel, end)
+                yield _row_cut(row, rel, cut_id, rec, start, end)
 
     def __len__(self) -> int:
         with open(self.path, "rb") as f:
@@ -254,7 +297,7 @@ def read_manifest(path: Path, problems: Problems, probe_files: bool = True) -> C
         with open(path, encoding="utf-8-sig") as f:
             _, header = _manifest_header(path, f.readline())
         if "seconds" in header:
-            return CutSet(LazyManifestCuts(path))
+            return CutSet(LazyManifestCuts(path, problems))
         text = path.read_text(encoding="utf-8-sig")
     if not text.strip():
         raise DataError(f"{path}: empty manifest")
@@ -267,7 +310,7 @@ def read_manifest(path: Path, problems: Problems, probe_files: bool = True) -> C
     root = path.parent
     rels = {_row_path(row, i, path): None for i, row in enumerate(rows)}
     if not probe_files and "seconds" in header:
-        return CutSet.from_cuts(LazyManifestCuts(path))
+        return CutSet.from_cuts(LazyManifestCuts(path, problems))
     recs = _probe_all([(rel, root / rel) for rel in rels], problems)
     cuts, used = [], set()
     for i, row in enumerate(rows):
@@ -276,6 +319,10 @@ def read_manifest(path: Path, problems: Problems, probe_files: bool = True) -> C
         if rec is None:
             continue  # reported once per file by the probe
         where = f"{path}: row {i + 2}"
+        lie = _length_lie(row, where, rec.duration)
+        if lie:
+            problems.add(str(root / rel), f"{where}: {root / rel} {lie}")
+            continue
         start, end = _row_segment(row, where, rec.duration)
         if end - start <= 0:
             problems.add(str(root / rel), f"{where}: segment {start:g}-{end:g} s of {root / rel} is empty")
@@ -369,7 +416,35 @@ def load_source(src: str | Path, problems: Problems | None = None, cache: Path |
         raise DataError(problems.items[0][1])
     if not cuts.is_lazy and len(cuts) == 0:
         raise DataError(f"{p}: no usable audio")
-    return cuts
+    return cuts if cuts.is_lazy else drop_repeats(cuts, str(p), problems)
+
+
+def _audio_key(cut) -> tuple[str, float, float]:
+    """What a cut plays: its file (or Shar member) and segment."""
+    return os.path.normpath(os.path.abspath(cut_path(cut))), round(cut.start, 3), round(cut.duration, 3)
+
+
+def drop_repeats(cuts: CutSet, where: str, problems: Problems) -> CutSet:
+    """``cuts`` with each piece of audio once: a repeated path (or segment) would count twice in
+    training and in an evaluation's figures. Each repeat is dropped, recorded in ``problems.repeated``
+    and warned about (one line per source); evaluation and training do the same."""
+    seen: dict[tuple, int] = {}
+    keep = []
+    for cut in cuts:
+        key = _audio_key(cut)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] == 1:
+            keep.append(cut)
+    repeats = [(k, n) for k, n in seen.items() if n > 1]
+    if not repeats:
+        return cuts
+    for (path, start, dur), n in repeats:
+        what = path if start == 0 else f"{path} ({start:g}-{start + dur:g} s)"
+        problems.repeated.append((path, f"{what}: listed {n} times in {where}; used once"))
+    (path, _, _), n = repeats[0]
+    log.warning("%s: %d repeated item(s) dropped, each used once (e.g. %s, listed %d times)",
+                where, sum(n - 1 for _, n in repeats), path, n)
+    return CutSet.from_cuts(keep)
 
 
 def load_sources(srcs: list[str | Path], problems: Problems, cache: Path | None = None) -> CutSet:
@@ -382,8 +457,10 @@ def load_sources(srcs: list[str | Path], problems: Problems, cache: Path | None 
         return CutSet(LazyIteratorChain(*[cs.map(partial(_prefixed, k)) for k, cs in enumerate(sets)]))
     ids = [c.id for cs in sets for c in cs]
     if len(set(ids)) == len(ids):
-        return CutSet.from_cuts(c for cs in sets for c in cs)
-    return CutSet.from_cuts(c.with_id(f"{k}:{c.id}") for k, cs in enumerate(sets) for c in cs)
+        cuts = CutSet.from_cuts(c for cs in sets for c in cs)
+    else:
+        cuts = CutSet.from_cuts(c.with_id(f"{k}:{c.id}") for k, cs in enumerate(sets) for c in cs)
+    return drop_repeats(cuts, " and ".join(map(str, srcs)), problems)
 
 
 def _prefixed(k: int, cut):
@@ -472,6 +549,10 @@ class SourceReport:
                      f"labels: {len(self.labels)}" + (f" ({_counts(self.labels, '')})" if self.labels else ""))
         lines.append(f"  problem files: {len(self.problems)}")
         lines += [f"    {reason}" for _, reason in self.problems.items]
+        if self.problems.repeated:
+            lines.append(f"  repeated items (counted once, used once by training and evaluation): "
+                         f"{len(self.problems.repeated)}")
+            lines += [f"    {message}" for _, message in self.problems.repeated]
         return "\n".join(lines)
 
 
@@ -570,9 +651,11 @@ def read_span(cut, offset: float, duration: float, sample_rate: int = 16000) -> 
     via lhotse."""
     src = cut.recording.sources[0]
     if src.type == "file":
-        return read_audio(src.source, sample_rate, offset=offset, duration=duration)
+        return _whole(read_audio(src.source, sample_rate, offset=offset, duration=duration), src.source,
+                      offset, duration, sample_rate)
     if src.type == "memory" and isinstance(src.source, bytes):
-        return read_audio_bytes(src.source, cut_path(cut), sample_rate, offset=offset, duration=duration)
+        x = read_audio_bytes(src.source, cut_path(cut), sample_rate, offset=offset, duration=duration)
+        return _whole(x, cut_path(cut), offset, duration, sample_rate)
     try:
         x = cut.recording.load_audio(offset=offset, duration=duration)
     except Exception as e:
@@ -581,6 +664,16 @@ def read_span(cut, offset: float, duration: float, sample_rate: int = 16000) -> 
     if x.size == 0 or not np.isfinite(x).all():
         raise AudioError(f"{src.source}: {'empty audio' if x.size == 0 else 'audio contains NaN or Inf samples'}")
     return resample(x, cut.recording.sampling_rate, sample_rate)
+
+
+def _whole(x: np.ndarray, name: str, offset: float, duration: float, sample_rate: int) -> np.ndarray:
+    """``x`` if it is as long as its manifest says (see :func:`length_tolerance`); else an ``AudioError``:
+    a manifest that gives the length (``seconds``) is not checked against the file before it is read."""
+    got = len(x) / sample_rate
+    if duration - got > length_tolerance(duration):
+        raise AudioError(f"{name}: truncated audio or a wrong length in its manifest (decoded {got:.2f} s from "
+                         f"{offset:g} s, the manifest says {duration:.2f} s)")
+    return x
 
 
 def load_cut(cut, sample_rate: int = 16000) -> np.ndarray:

@@ -144,7 +144,8 @@ def latest_checkpoint(out: str | Path, pattern: str = "step*.ckpt") -> Path | No
     """The newest ``out/checkpoints/<pattern>`` that verifies. A corrupt or truncated one is renamed
     ``*.corrupt`` (kept for inspection, never picked again) with a warning, and the previous one used."""
     folder = Path(out) / "checkpoints"
-    for ckpt in sorted(folder.glob(pattern), reverse=True):
+    found = sorted(folder.glob(pattern), reverse=True)
+    for i, ckpt in enumerate(found):
         problem = verify_checkpoint(ckpt)
         if problem is None:
             return ckpt
@@ -152,7 +153,8 @@ def latest_checkpoint(out: str | Path, pattern: str = "step*.ckpt") -> Path | No
         if rank() == 0:
             os.replace(ckpt, bad)
             sidecar(ckpt).unlink(missing_ok=True)
-        log(f"warning: {ckpt} is {problem}; moved aside to {bad.name}, using the previous checkpoint")
+        then = "trying the previous checkpoint" if i + 1 < len(found) else "there is no earlier checkpoint to use"
+        log(f"warning: {ckpt} is {problem}; moved aside to {bad.name}, {then}")
     return None
 
 

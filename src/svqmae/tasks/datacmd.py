@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..data import DataError
+from .outputs import output_file, output_folder
 
 
 def _log(msg: str) -> None:
@@ -17,6 +18,7 @@ def _log(msg: str) -> None:
 def cmd_prepare(args) -> None:
     from ..data.recipes import prepare
 
+    output_folder(args.out, "manifests")
     opts = {"test_dir": Path(args.test_dir) if args.test_dir else None, "label_from_folder": args.label_from_folder}
     summary = prepare(args.corpus, args.src, args.out, **opts)
     print(f"{'split':<16} {'utterances':>10} {'hours':>8}  labels")
@@ -38,26 +40,30 @@ def cmd_download(args) -> None:
 def cmd_check(args) -> None:
     from ..data import check_source
 
+    if args.json:
+        output_file(args.json, "check", "--json")
     failed, reports = 0, []
     for src in args.src:
         rep = check_source(src, decode=not args.headers_only, min_seconds=args.min_seconds)
         print(rep.summary())
-        failed += len(rep.problems)
+        failed += len(rep.problems) + len(rep.problems.repeated)
         reports.append({
             "source": rep.source, "utterances": rep.count, "hours": rep.hours,
             "sample_rates": dict(rep.rates), "channels": dict(rep.channels), "labels": dict(rep.labels),
             "speakers": len(rep.speakers), "problems": [{"path": p, "reason": r} for p, r in rep.problems.items],
+            "repeated": [{"path": p, "reason": r} for p, r in rep.problems.repeated],
             **({"shards": rep.shards} if rep.shards is not None else {}),
         })
     if args.json:
         Path(args.json).write_text(json.dumps(reports, indent=1, ensure_ascii=False))
     if failed and args.strict:
-        raise DataError(f"{failed} problem file(s) found (listed above)")
+        raise DataError(f"{failed} problem file(s) or repeated item(s) found (listed above)")
 
 
 def cmd_synth(args) -> None:
     from ..data.synth import synthesize
 
+    output_folder(args.out, "corpus")
     s = synthesize(args.out, minutes=args.minutes, seed=args.seed, workers=args.workers, log=_log)
     print(f"{'task':<10} {'split':<6} {'utts':>6} {'minutes':>8} {'speakers':>9}")
     for task, splits in s["tasks"].items():
@@ -68,6 +74,7 @@ def cmd_synth(args) -> None:
 def cmd_shard(args) -> None:
     from ..data.shar_writer import write_shar
 
+    output_folder(args.out, "shar")
     write_shar(args.src, args.out, shard_seconds=args.shard_seconds, audio_format=args.audio_format,
                workers=args.workers, seed=args.seed, progress=not args.quiet, log=print)
 

@@ -61,8 +61,10 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overrides: tup
     from .. import config as C
     from ..data.synth import synthesize
     from ..engine.plots import read_metrics
+    from .outputs import output_folder
     from .pretrain import pretrain
 
+    output_folder(out, "demo")
     s = QUICK if quick else FULL
     # resolved first: a bad --set fails before minutes of synthesis, not after
     cfg = C.resolve("tiny", overrides=[*s.overrides, f"train.seed={seed}", *overrides])

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..model import SVQMAE
+from .outputs import output_file
 
 # --------------------------------------------------------------------------- ONNX
 
@@ -146,6 +147,7 @@ def check_onnx(model: SVQMAE, onnx_path: str | Path, seed: int = 0) -> float:
 
 
 def cmd_export_onnx(args) -> None:
+    output_file(args.out, "onnx")
     model = SVQMAE.from_pretrained(args.model)
     path = export_onnx(model, args.out, args.opset, dynamo=args.dynamo)
     msg = f"export-onnx: wrote {path} ({path.stat().st_size / 1e6:.1f} MB)"

@@ -33,6 +33,7 @@ import torch
 from .. import config as C
 from ..data import Problems, WaveformBatches, cut_fields, cut_path, load_sources
 from ..model import SVQMAE
+from .outputs import output_folder, sweep
 
 # --------------------------------------------------------------------------- layer selection
 
@@ -99,19 +100,20 @@ def extract_features(
     """Write per-utterance features and ``index.tsv`` into ``out_dir``; returns the index path.
 
     Utterances are sorted by duration and batched up to ``batch_seconds`` of audio, so padding is
-    small; unreadable files are skipped and listed in ``out_dir/skipped_files.tsv``."""
+    small; unreadable files are skipped and listed in ``out_dir/skipped_files.tsv``. Rerun into the same
+    folder, it holds this run's features only (an earlier run's other files are removed at the end)."""
     from lhotse.dataset import DynamicCutSampler
     from tqdm import tqdm
 
     if fmt not in ("npy", "npz"):
         raise C.ConfigError(f"--format {fmt!r}: expected npy or npz")
+    out = output_folder(out_dir, "extract")
     dev = _device(device)
     model = SVQMAE.from_pretrained(model_path, device=dev)
     num_states = model.num_states
     chosen = parse_layers(layers, num_states)
     problems = Problems()
     cuts = load_sources(list(sources), problems).sort_by_duration(ascending=False)
-    out = Path(out_dir)
     feat_dir = out / "features"
     feat_dir.mkdir(parents=True, exist_ok=True)
     (out / "features.json").write_text(json.dumps({
@@ -131,6 +133,7 @@ def extract_features(
     by_id = {c.id: c for c in cuts}
     extra = [k for k in ("label", "text", "speaker") if any(cut_fields(c)[k] for c in cuts)]
     taken: set[str] = set()
+    written: list[Path] = []
     index = out / "index.tsv"
     start, audio_s = time.monotonic(), 0.0
     bar = tqdm(total=len(cuts), unit="utt", desc="extract", disable=not progress, dynamic_ncols=True)
@@ -138,7 +141,8 @@ def extract_features(
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(["id", "file", "path", "seconds", "tokens", *extra])
         for batch in loader:
-            problems.items.extend(batch["failed"])
+            for path, reason in batch["failed"]:
+                problems.add(path, reason)
             bar.update(len(batch["failed"]))
             if not batch["ids"]:
                 continue
@@ -148,6 +152,7 @@ def extract_features(
                 n = int(tok_len[b])
                 rel = f"features/{_feature_name(cut_id, taken)}.{fmt}"
                 _save_features(out / rel, list(sel[b, :, :n]), chosen, fmt)
+                written.append(out / rel)
                 fields = cut_fields(by_id[cut_id])
                 seconds = int(batch["lengths"][b]) / model.cfg.features.sample_rate
                 w.writerow([cut_id, rel, cut_path(by_id[cut_id]), f"{seconds:.3f}", n, *(fields[k] for k in extra)])
@@ -155,8 +160,11 @@ def extract_features(
             bar.update(len(batch["ids"]))
             bar.set_postfix_str(f"{audio_s / max(time.monotonic() - start, 1e-9):.1f} audio-s/s")
     bar.close()
+    sweep(feat_dir, written, "*.np[yz]")  # an earlier run's features of utterances not in this one
+    skipped = out / "skipped_files.tsv"
+    skipped.unlink(missing_ok=True)
     if len(problems):
-        with open(out / "skipped_files.tsv", "w") as f:
+        with open(skipped, "w") as f:
             f.write("path\treason\n")
             f.writelines(f"{p}\t{r}\n" for p, r in problems.items)
     return index

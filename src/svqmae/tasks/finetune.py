@@ -40,6 +40,7 @@ from ..engine.schedules import tristage, warmup_cosine
 from ..model import SVQMAE, CheckpointError
 from ..model.ctc import CTCModel
 from .decode import greedy
+from .outputs import output_folder
 from .recognizer import finetune_config_from_dict, save_recognizer
 
 # --------------------------------------------------------------------------- data
@@ -246,7 +247,7 @@ def finetune(model: str, train: list[str], dev: list[str], out: str | Path, pres
     """Fine-tune ``model`` (a pre-trained model path, ``random`` or ``fbank``) with CTC on the labelled
     ``train`` sources, validating on ``dev``; rerunning the same call resumes. Returns ``out/model``."""
     quiet_lightning()
-    out = Path(out)
+    out = output_folder(out, "finetune")
     if model in ("random", "fbank"):
         encoder, backbone = None, "svqmae" if model == "random" else "lstm"
         cfg = C.resolve_finetune(preset, None, yaml_files, overrides)
@@ -257,12 +258,11 @@ def finetune(model: str, train: list[str], dev: list[str], out: str | Path, pres
                                 "--preset is only for --model random or fbank")
         cfg = C.resolve_finetune(None, encoder.config, yaml_files, overrides)
     freeze = cfg.ctc.freeze_steps if encoder is not None else 0  # freezing a random encoder is pointless
-    out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     ckpt, start_step = resume_point(out, FinetuneModule.CONFIG_KEY, _differences(cfg))
-    (out / "config.yaml").write_text(yaml.safe_dump(C.to_dict(cfg), sort_keys=False, allow_unicode=True))
 
-    # units: built from the training transcripts on the first run, reused on every resume
+    # units: built from the training transcripts on the first run, reused on every resume; nothing is
+    # written into ``out`` before the data has been read (a run refused for its data leaves no trace)
     problems = Problems()
     unit_file = out / ("units.txt" if cfg.units.kind == "char" else "units.model")
     raw_train = [c for s in train for c in load_source(s, problems)]
@@ -277,12 +277,15 @@ def finetune(model: str, train: list[str], dev: list[str], out: str | Path, pres
         if not any(normalize(t, cfg.units.lowercase) for t in texts):
             raise DataError(f"{', '.join(train)}: no transcripts (the manifest needs a non-empty `text` column)")
         units = build_units(cfg.units.kind, texts, cfg.units.lowercase, cfg.units.vocab_size, cfg.units.min_count)
-        units.save(out)
     log(f"units: {len(units) - 2} {units.kind} units + blank + <unk> (saved to {unit_file})")
 
     ctc = CTCModel(cfg, len(units), backbone, encoder)
     train_cuts = prepare_cuts(raw_train, train, units, ctc, cfg, "train", cfg.train.max_utt_seconds)
     dev_cuts = prepare_cuts(raw_dev, dev, units, ctc, cfg, "dev")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(C.to_dict(cfg), sort_keys=False, allow_unicode=True))
+    if not unit_file.is_file():
+        units.save(out)
     for _, reason in problems.items:
         log(f"skipped {reason}")
     hours = sum(c.duration for c in train_cuts) / 3600

@@ -17,25 +17,36 @@ import torch
 from torch import nn
 
 from .. import config as C
-from ..data import DataError, Problems, cut_path, load_cut, load_source
+from ..data import AudioError, DataError, Problems, cut_path, load_cut, load_source
 from ..data.text import normalize, words
 from .decode import Decoder
 from .evaluate.report import bootstrap_ci
+from .outputs import output_file
 from .recognizer import Recognizer, load_recognizer
 
 
 @torch.no_grad()
 def transcribe_cuts(rec: Recognizer, cuts, decoder: Decoder, max_batch_seconds: float = 60.0,
-                    chunk_seconds: float = 30.0) -> list[str]:
+                    chunk_seconds: float = 30.0, problems: Problems | None = None) -> list[str | None]:
     """Text for each cut, in order. Long recordings are cut into ``chunk_seconds`` pieces whose CTC
-    outputs are joined before decoding; pieces are batched by length."""
+    outputs are joined before decoding; pieces are batched by length. With ``problems``, a file that
+    cannot be decoded (truncated, NaN samples, ...) is recorded there and gets None; without, it is an
+    ``AudioError``."""
     model = rec.model
     device = next(model.parameters()).device
     sr = rec.cfg.model.features.sample_rate
     step = max(int(chunk_seconds * sr), model.downsample_rate)
     pieces = []  # (cut index, piece index, waveform)
+    failed = set()
     for i, cut in enumerate(cuts):
-        x = load_cut(cut, sr)
+        try:
+            x = load_cut(cut, sr)
+        except AudioError as e:
+            if problems is None:
+                raise
+            problems.add(cut_path(cut), str(e))
+            failed.add(i)
+            continue
         pieces += [(i, j, x[k:k + step]) for j, k in enumerate(range(0, len(x), step))]
     outputs: dict[tuple[int, int], torch.Tensor] = {}
     order = sorted(range(len(pieces)), key=lambda p: len(pieces[p][2]))
@@ -52,6 +63,9 @@ def transcribe_cuts(rec: Recognizer, cuts, decoder: Decoder, max_batch_seconds: 
             outputs[pieces[p][:2]] = row[:n].float().cpu()
     texts = []
     for i in range(len(cuts)):
+        if i in failed:
+            texts.append(None)
+            continue
         parts = [outputs[k] for k in sorted(k for k in outputs if k[0] == i)]
         lp = torch.cat(parts)[None]
         texts.append(decoder(lp, torch.tensor([lp.shape[1]]))[0])
@@ -62,15 +76,21 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+TRANSCRIPT_SUFFIXES = (".json", ".tsv", ".txt")
+
+
 def cmd_transcribe(args) -> None:
+    if args.out:  # checked before any work: the transcripts are printed before they are written
+        output_file(args.out, "transcripts", suffixes=TRANSCRIPT_SUFFIXES)
     rec = load_recognizer(args.model, _device())
     decoder = Decoder(rec.units, args.beam, args.lm, args.alpha, args.beta)
     problems = Problems()
     cuts = [c for src in args.inputs for c in load_source(src, problems)]
+    texts = transcribe_cuts(rec, cuts, decoder, chunk_seconds=args.chunk_seconds, problems=problems)
     for _, reason in problems.items:
         print(f"svqmae transcribe: skipped {reason}", file=sys.stderr)
-    texts = transcribe_cuts(rec, cuts, decoder, chunk_seconds=args.chunk_seconds)
-    rows = [{"path": _cut_path(c), "seconds": round(c.duration, 3), "text": t} for c, t in zip(cuts, texts)]
+    rows = [{"path": _cut_path(c), "seconds": round(c.duration, 3), "text": t}
+            for c, t in zip(cuts, texts) if t is not None]
     for r in rows:
         print(f"{r['path']}\t{r['text']}", flush=True)
     if args.out:
@@ -87,7 +107,7 @@ def write_rows(rows: list[dict], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".json":
         out.write_text(json.dumps(rows, indent=1, ensure_ascii=False), encoding="utf-8")
-    elif out.suffix.lower() in (".tsv", ".txt"):
+    elif out.suffix.lower() in TRANSCRIPT_SUFFIXES:
         out.write_text("path\tseconds\ttext\n" + "".join(f"{r['path']}\t{r['seconds']}\t{r['text']}\n" for r in rows),
                        encoding="utf-8")
     else:
@@ -139,6 +159,7 @@ def score(rec: Recognizer, data: str, decoder: Decoder, worst: int = 10) -> dict
 
 
 def cmd_score(args) -> None:
+    output_file(args.out, "score")
     rec = load_recognizer(args.model, _device())
     decoder = Decoder(rec.units, args.beam, args.lm, args.alpha, args.beta)
     report = score(rec, args.data, decoder, args.worst)

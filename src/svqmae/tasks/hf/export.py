@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ... import config as C
 from ...model import SVQMAE, CheckpointError
+from ..outputs import output_folder
 
 BLANK_TOKEN, UNK_TOKEN, DELIMITER = "<pad>", "⁇", "|"
 GENERATED = ("configuration_svqmae.py", "modeling_svqmae.py", "feature_extraction_svqmae.py")
@@ -103,6 +104,7 @@ def export_hf(model: str | Path, out: str | Path, with_code: bool = False) -> Pa
     src, out = _source_folder(Path(model)), Path(out)
     if out.resolve() in (src.resolve(), Path(model).resolve()):
         raise C.ConfigError(f"{out}: --out must not be the model's own folder")
+    output_folder(out, "hf")
     fine_tuned = src.is_dir() and (src / "ctc.json").is_file()
     try:
         if fine_tuned:
