@@ -10,7 +10,9 @@ saved and with the state switched on (``--mode``: ``off``, ``on``), on the tasks
         --model svqmae=runs/s12/s_def_seed{0,1,2} --model encoder_only=runs/s12/e_def_seed{0,1,2} --controls
 
 ``--controls`` adds filterbanks and the untrained architecture (``random:tiny``), each with and without
-the level (filterbanks: the level state appended as a second layer, through the same map).
+the level (filterbanks: the level state appended as a second layer, through the same map), and
+filterbanks with statistics pooling (``fbank-stats``: each dimension's mean and standard deviation),
+the plain baseline that sees an utterance's spread as the level state does.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def main() -> None:
     if args.controls:
         runs["fbank"] = [(lambda: get_upstream("fbank"), "-")]
         runs["fbank + level state"] = [(FbankWithLevel, "-")]
+        runs["fbank-stats (mean and std pooled)"] = [(lambda: get_upstream("fbank-stats"), "-")]
         for on in (False, True):
             runs[f"random:tiny, level state {'on' if on else 'off'}"] = [
                 (lambda on=on: with_level_state(get_upstream("random:tiny"), on), "-")]

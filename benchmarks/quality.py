@@ -2,7 +2,8 @@
 
 Models: SVQ-MAE (``svqmae pretrain``), its encoder-only ablation (``--set model.variant=encoder_only``),
 wav2vec 2.0 (Hugging Face ``Wav2Vec2ForPreTraining``, same size, data and minutes; benchmarks/hf_wav2vec2.py),
-the same architecture untrained (``random``) and SUPERB's FBANK baseline (``fbank``).
+the same architecture untrained (``random``), SUPERB's FBANK baseline (``fbank``: frames mean-pooled) and
+the same filterbanks with statistics pooling (``fbank-stats``: each dimension's mean and standard deviation).
 Tasks: 12-class keyword spotting on speech_commands_dev (train and test on speaker-disjoint halves),
 spoken digits on fsdd (3-fold cross-validation by speaker: every test speaker is unseen) and, when
 emodb_dev is there, 7-class acted emotion (5-fold cross-validation by speaker).
@@ -121,7 +122,7 @@ def main() -> None:
     ap.add_argument("--encoder-only", help="existing encoder-only model (skip its pre-training)")
     ap.add_argument("--wav2vec2", help="existing HF wav2vec 2.0 folder (skip its pre-training)")
     ap.add_argument("--skip", action="append", default=[], help="leave a model out: svqmae, encoder_only, wav2vec2, "
-                    "random, fbank (repeatable)")
+                    "random, fbank, fbank-stats (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -149,6 +150,7 @@ def main() -> None:
         "wav2vec 2.0 (HF)": ("hf:" + given(args.wav2vec2, "wav2vec2")) if given(args.wav2vec2, "wav2vec2") else None,
         "random init": None if "random" in args.skip else f"random:{args.preset}",
         "fbank": None if "fbank" in args.skip else "fbank",
+        "fbank (mean+std)": None if "fbank-stats" in args.skip else "fbank-stats",
     }
     models = {k: v for k, v in models.items() if v}
     ks_train, ks_test = speaker_halves(data / "speech_commands_dev" / "manifest.tsv", out / "splits")

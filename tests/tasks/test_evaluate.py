@@ -8,15 +8,16 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from svqmae import cli
 from svqmae.config import ConfigError
-from svqmae.data import DataError
+from svqmae.data import DataError, load_cut
 from svqmae.tasks.evaluate import bootstrap_ci, evaluate
 from svqmae.tasks.evaluate.features import FeatureStore
 from svqmae.tasks.evaluate.items import Item, load_items, make_folds, split_dev
 from svqmae.tasks.evaluate.upstreams import get_upstream
-from tests.conftest import write_labelled_set, write_spelled_set, write_wav
+from tests.conftest import harmonic_tone, write_labelled_set, write_spelled_set, write_wav
 from tests.tasks.test_upstreams import tiny_wav2vec2
 
 F0S = {"low": 110.0, "mid": 190.0, "high": 330.0}
@@ -99,6 +100,51 @@ def test_cached_features_do_not_depend_on_the_batch(model, tmp_path):
     together = FeatureStore(tmp_path / "a", up, progress=False).get(items, "mean")
     alone = [FeatureStore(tmp_path / "b", up, progress=False).get([it], "mean")[0] for it in items]
     np.testing.assert_allclose(np.stack(together), np.stack(alone), atol=1e-4)
+
+
+def test_stats_baseline_pools_mean_and_std_of_each_files_real_frames(tmp_path):
+    """fbank-stats' cached vector is [mean, std] of the file's own filterbank frames, extracted alone, even when
+    the file was padded in a batch; its first half is what fbank caches."""
+    st = get_upstream("fbank-stats")
+    items = load_items(write_spelled_set(tmp_path / "var", n=5, seed=3), "asr")  # lengths differ: one padded batch
+    assert len({it.cut.duration for it in items}) > 1
+    pooled = FeatureStore(tmp_path / "a", st, progress=False).get(items, "mean")
+    means = FeatureStore(tmp_path / "a", get_upstream("fbank"), progress=False).get(items, "mean")
+    for it, vec, mean in zip(items, pooled, means):
+        wave = torch.from_numpy(load_cut(it.cut, 16000))
+        frames, n = st(wave[None], torch.tensor([len(wave)]))
+        f = frames[0, 0, : int(n[0])].numpy()
+        assert vec.shape == (1, 480)
+        np.testing.assert_allclose(vec[0], np.concatenate([f.mean(0), f.std(0)]), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(vec[:, :240], mean, atol=1e-5)
+
+
+def _steady_or_pulsing(root: Path, n_per_class: int, seed: int) -> Path:
+    """Two classes with the same mean log level: a steady tone, or one alternating 8 dB above and below it
+    (which half first is random); every file has its own random gain, so the mean level tells nothing."""
+    rng = np.random.default_rng(seed)
+    rows = ["path\tspeaker\tlabel"]
+    for label in ("steady", "pulsing"):
+        for i in range(n_per_class):
+            x = harmonic_tone(0.8, f0=float(rng.uniform(140, 220)), seed=int(rng.integers(1 << 30)))
+            x = x / (np.abs(x).max() + 1e-9) * 0.1
+            if label == "pulsing":
+                db = np.repeat(rng.permutation([8.0, -8.0]), len(x) // 2 + 1)[: len(x)]
+                x = x * 10 ** (db / 20)
+            x = (x * 10 ** (rng.uniform(-8, 8) / 20)).astype(np.float32)
+            write_wav(root / f"audio/{label}{i}.wav", x)
+            rows.append(f"audio/{label}{i}.wav\tspk{i % 4}\t{label}")
+    (root / "manifest.tsv").write_text("\n".join(rows) + "\n")
+    return root / "manifest.tsv"
+
+
+def test_stats_baseline_sees_the_spread_that_mean_pooling_hides(tmp_path):
+    train, test = _steady_or_pulsing(tmp_path / "tr", 24, seed=1), _steady_or_pulsing(tmp_path / "te", 12, seed=2)
+    kw = dict(cache=str(tmp_path / "c"), lr=1e-2, **FAST)
+    mean = evaluate("fbank", "classify", str(train), str(test), **kw)
+    stats = evaluate("fbank-stats", "classify", str(train), str(test), **kw)
+    assert stats["upstream"]["pooling"] == "mean+std" and stats["n_test"] == 24
+    assert stats["value"] >= 0.9 and stats["value"] >= mean["value"] + 0.2, (mean["value"], stats["value"])
 
 
 def test_label_absent_from_train_is_a_clear_error(pitch, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,6 +37,22 @@ def test_fbank_is_one_layer_of_240_dims_at_100_hz():
     up = get_upstream("fbank")
     assert (up.num_layers, up.dim, up.frame_rate) == (1, 240, 100.0)
     _check_padding_aware(up)
+
+
+def test_fbank_stats_has_the_fbank_frames_and_pools_their_mean_and_std():
+    fb, st = get_upstream("fbank"), get_upstream("fbank-stats")
+    waves, lengths = _batch()
+    torch.testing.assert_close(st(waves, lengths), fb(waves, lengths))  # ASR sees the same frames
+    assert st.key != fb.key  # pooled features are cached apart
+    assert (st.describe()["pooling"], fb.describe()["pooling"]) == ("mean+std", "mean")
+    frames = torch.randn(1, 9, 240, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    ref = frames[0].numpy()
+    pooled = st.pool(frames)
+    assert pooled.shape == (1, 480)
+    np.testing.assert_allclose(pooled[0, :240].numpy(), ref.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pooled[0, 240:].numpy(), ref.std(0), rtol=1e-5, atol=1e-5)  # population std
+    torch.testing.assert_close(fb.pool(frames), pooled[:, :240])
+    assert st.pool(frames[:, :1]).abs()[0, 240:].max() == 0  # one frame has no spread
 
 
 def test_random_upstream_is_seeded_untrained_svqmae():

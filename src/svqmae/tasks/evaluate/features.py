@@ -1,5 +1,5 @@
 """The feature store: every layer's features of a frozen upstream, extracted once per (upstream, file)
-and cached on disk as ``.npy`` (pooled means for utterance tasks, float16 frames for ASR)."""
+and cached on disk as ``.npy`` (pooled vectors for utterance tasks, float16 frames for ASR)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from .upstreams import SAMPLE_RATE, Upstream
 
 class FeatureStore:
     """Features of every layer, extracted once per (upstream, file) and kept as ``.npy`` files:
-    ``ROOT/UPSTREAM_KEY/mean/FILE_KEY.npy`` (L, D) float32 pooled, or ``.../frames/FILE_KEY.npy``
-    (T, L, D) float16."""
+    ``ROOT/UPSTREAM_KEY/mean/FILE_KEY.npy`` (L, D') float32, the real frames pooled by the upstream
+    (:meth:`~.upstreams.Upstream.pool`: their mean, or mean and standard deviation), or
+    ``.../frames/FILE_KEY.npy`` (T, L, D) float16."""
 
     def __init__(self, root: Path, upstream: Upstream, max_batch_seconds: float = 60.0, progress: bool = True):
         self.root = Path(root) / upstream.key
@@ -68,7 +69,7 @@ class FeatureStore:
                 if n < 1:
                     raise DataError(f"{it.path}: too short for {up.name} ({it.cut.duration:.3f} s gives no frames)")
                 h = hidden[:, b, :n]  # (L, n, D)
-                arr = h.mean(1).numpy() if kind == "mean" else h.transpose(0, 1).numpy().astype(np.float16)
+                arr = up.pool(h).numpy() if kind == "mean" else h.transpose(0, 1).numpy().astype(np.float16)
                 tmp = self._path(kind, it).with_suffix(f".tmp{os.getpid()}.npy")
                 np.save(tmp, arr)
                 os.replace(tmp, self._path(kind, it))

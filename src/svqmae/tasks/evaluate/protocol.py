@@ -5,13 +5,15 @@ The protocol (SUPERB, Yang et al. 2021), with the upstream frozen:
 - features of every layer are extracted once and cached on disk, keyed by upstream and file;
 - a learnable softmax-weighted sum of all hidden layers (each standardized with training-set
   statistics) feeds a small head;
-- utterance tasks (``classify``, ``ks``, ``er``): padding-aware mean pooling and one linear layer;
+- utterance tasks (``classify``, ``ks``, ``er``): padding-aware mean pooling and one linear layer
+  (the ``fbank-stats`` baseline pools by mean and standard deviation instead);
 - ``asr``: a two-layer BiLSTM with CTC over characters, greedy decoding, WER and CER (jiwer);
 - model selection on a dev set; without one, part of train is held out by speaker;
 - the score comes with a 95% bootstrap interval over test items.
 
 Mean pooling commutes with the layer sum, so utterance tasks cache one pooled vector per layer and
-file; ASR caches frame sequences (float16).
+file (statistics pooling does not, but ``fbank-stats`` has one layer); ASR caches frame sequences
+(float16).
 """
 
 from __future__ import annotations
@@ -164,7 +166,7 @@ def evaluate(model: str | Upstream, task: str, train: str, test: str | None = No
              out: str | None = None, **options) -> dict:
     """Evaluate frozen features of ``model`` on ``task`` the SUPERB way; returns the report.
 
-    ``model``: an svqmae model/run folder, ``fbank``, ``random[:PRESET]`` or ``hf:PATH`` (or an
+    ``model``: an svqmae model/run folder, ``fbank``, ``fbank-stats``, ``random[:PRESET]`` or ``hf:PATH`` (or an
     :class:`~svqmae.tasks.evaluate.upstreams.Upstream` already loaded, to evaluate one model on several tasks).
     ``task``: ``classify`` / ``ks`` / ``er`` (label column) or ``asr`` (text column).
     ``out``: a ``.json`` path or a folder (then ``FOLDER/report.json``); plots go next to it.

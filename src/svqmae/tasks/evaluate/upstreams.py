@@ -7,14 +7,17 @@ Names understood by :func:`get_upstream`:
 
 - a path: an svqmae ``model/`` folder, run DIR or checkpoint (:func:`svqmae.load`);
 - ``fbank``: SUPERB's FBANK baseline, 80-dim log-mel with deltas and delta-deltas (240 dims, 100 Hz),
-  as a single "layer";
+  as a single "layer"; utterance tasks pool its frames by their mean;
+- ``fbank-stats``: the same frames with statistics pooling: utterance tasks see each dimension's mean
+  and standard deviation over the utterance's frames (480 numbers), the spread that mean pooling
+  discards (loudness and pitch movement, rate); ASR sees the same frames as ``fbank``;
 - ``random`` or ``random:PRESET``: the SVQ-MAE architecture of that preset (default ``tiny``), untrained,
   seeded (``random:tiny:SEED`` picks another seed);
 - ``hf:PATH``: a local Hugging Face wav2vec 2.0 / HuBERT / WavLM folder, via ``AutoModel`` with
   ``output_hidden_states``.
 
-Every upstream has a ``key``: a short string that changes whenever its weights do, used to cache
-features on disk.
+Every upstream has a ``key``: a short string that changes whenever its weights (or its pooling) do,
+used to cache features on disk, and a :meth:`Upstream.pool`: how utterance tasks pool its frames.
 """
 
 from __future__ import annotations
@@ -67,10 +70,16 @@ class Upstream(nn.Module):
     frame_rate: float  # output frames per second
     batch_invariant: bool = True  # an utterance's features do not depend on the padding of its batch
     state0: str = "input embedding"  # what the first hidden state is
+    pooling: str = "mean"  # how utterance tasks pool frames (see pool)
 
     @torch.no_grad()
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def pool(self, frames: torch.Tensor) -> torch.Tensor:
+        """One utterance's real frames of every layer (L, n, D), padding already cut off -> the vector per
+        layer that utterance tasks see (L, D'): here their mean (SUPERB)."""
+        return frames.mean(1)
 
     @property
     def device(self) -> torch.device:
@@ -79,7 +88,7 @@ class Upstream(nn.Module):
 
     def describe(self) -> dict:
         return {"name": self.name, "key": self.key, "layers": self.num_layers, "dim": self.dim,
-                "frame_rate": self.frame_rate, "state0": self.state0}
+                "frame_rate": self.frame_rate, "state0": self.state0, "pooling": self.pooling}
 
 
 class SVQMAEUpstream(Upstream):
@@ -172,6 +181,24 @@ class FbankUpstream(Upstream):
         return feats[None], n_frames
 
 
+class FbankStatsUpstream(FbankUpstream):
+    """The FBANK baseline with statistics pooling (as x-vectors pool): an utterance is each dimension's
+    mean and standard deviation over its frames, [mean, std] (2 x 240). Mean pooling hides how much the
+    level, pitch and spectrum move within the utterance; this baseline sees it, as SVQ-MAE's level state
+    (each bin's log standard deviation) does. Frames (for ASR) are the same as ``fbank``'s."""
+
+    pooling = "mean+std"
+
+    def __init__(self):
+        super().__init__()
+        self.name = "fbank-stats"
+        self.key = f"{self.key}-stats"
+
+    def pool(self, frames: torch.Tensor) -> torch.Tensor:
+        """(L, n, D) -> (L, 2D): [mean, standard deviation] over the n frames (population: 0 for one frame)."""
+        return torch.cat([frames.mean(1), frames.std(1, correction=0)], dim=-1)
+
+
 class HFUpstream(Upstream):
     """A local Hugging Face speech encoder folder (wav2vec 2.0, HuBERT, WavLM, data2vec-audio)."""
 
@@ -228,6 +255,8 @@ def get_upstream(spec: str, device: str | torch.device = "cpu") -> Upstream:
     """An upstream by name (see the module docstring), frozen, in eval mode, on ``device``."""
     if spec == "fbank":
         up: Upstream = FbankUpstream()
+    elif spec == "fbank-stats":
+        up = FbankStatsUpstream()
     elif spec == "random" or spec.startswith("random:"):
         up = random_upstream(spec)
     elif spec.startswith("hf:"):
@@ -235,7 +264,7 @@ def get_upstream(spec: str, device: str | torch.device = "cpu") -> Upstream:
     else:
         if not Path(spec).exists():
             raise CheckpointError(
-                f"{spec}: model not found (give an svqmae model/ or run folder, fbank, random[:PRESET] or hf:PATH)"
+                f"{spec}: model not found (give an svqmae model/ or run folder, fbank, fbank-stats, random[:PRESET] or hf:PATH)"
             )
         up = load_svqmae(spec)
     for p in up.parameters():
