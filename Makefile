@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test demo docs lint clean
 
 $(BIN)/svqmae: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,8 +20,13 @@ test: setup
 demo: setup
 	$(BIN)/svqmae demo --out runs/demo
 
+# the documentation site in site/, with strict checking: a broken link, reference or generated page fails
+docs: setup
+	$(BIN)/python -c "import mkdocs, material, mkdocstrings_handlers.python" 2>/dev/null || $(BIN)/pip install -q -e ".[dev,docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site
