@@ -99,3 +99,70 @@ def test_saved_configs_from_before_the_speed_settings_keep_their_behaviour():
         del d["train"][key]
     t = C.from_dict(d).train
     assert (t.time_schedule, t.torch_compile, t.pack, t.fused_adamw, t.shape_bucket) == (False, "off", "off", "off", 1)
+
+
+def _numeric_fields(node, prefix=""):
+    """(dotted key, field, value) of every numeric field of a config tree (bools are not numbers here)."""
+    import dataclasses
+
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _numeric_fields(value, f"{prefix}{f.name}.")
+        elif f.type.startswith(("int", "float", "tuple[float")) or f.name in getattr(node, "AUTO", {}):
+            yield f"{prefix}{f.name}", f, value
+
+
+def _outside(spec: str, is_int: bool) -> list[str]:
+    """Values just outside a range spec, plus the non-finite ones (for floats)."""
+    import re
+
+    bad = [] if is_int else ["nan", ".inf", "-.inf"]
+    m = re.match(r"^([<>]=?) ?(-?[\d.]+)$", spec)
+    if m:
+        b = float(m.group(2))
+        step = 1 if is_int else 1e-3
+        bad.append({">": b, ">=": b - step, "<": b, "<=": b + step}[m.group(1)])
+    m = re.match(r"^([\[(])(-?[\d.]+), (-?[\d.]+)([\])])$", spec)
+    if m:
+        lo, hi = float(m.group(2)), float(m.group(3))
+        bad += [lo if m.group(1) == "(" else lo - 0.5, hi if m.group(4) == ")" else hi + 0.5]
+    return [str(int(v)) if is_int and not isinstance(v, str) else str(v) for v in bad]
+
+
+def _every_numeric_key():
+    out = []
+    for tree, name in ((C.Config(), "pretrain"), (C.FinetuneConfig(), "finetune")):
+        for key, f, value in _numeric_fields(tree):
+            if name == "finetune" and key.split(".")[0] in ("model", "train"):
+                continue  # the same fields as pre-training's
+            out.append((name, key, f, value))
+    return out
+
+
+@pytest.mark.parametrize("tree,key,f,value", _every_numeric_key(), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_numeric_field_declares_a_range_and_refuses_a_value_outside_it(tree, key, f, value):
+    spec = f.metadata.get("range")
+    assert spec, f"{key}: a numeric field without a range (declare it with ranged(default, spec))"
+    assert C.in_range(value[0] if isinstance(value, tuple) else value, spec) or value == "auto", \
+        f"{key}: the default {value!r} is outside its own range {spec}"
+    is_int = f.type.startswith("int")
+    for bad in _outside(spec, is_int):
+        if isinstance(value, tuple):  # one element outside is enough
+            bad = ",".join([bad] + [str(v) for v in value[1:]])
+        with pytest.raises(C.ConfigError, match=key.replace(".", r"\.")):
+            if tree == "pretrain":
+                C.resolve("tiny", overrides=[f"{key}={bad}"])
+            else:
+                C.resolve_finetune("tiny", overrides=[f"{key}={bad}"])
+
+
+def test_yaml_errors_give_the_line():
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        bad = Path(d) / "bad.yaml"
+        bad.write_text("model:\n  encoder:\n    layers: 3\n  mask: [unclosed\ntrain:\n  lr: 1\n")
+        with pytest.raises(C.ConfigError, match=r"bad\.yaml: not valid YAML \(line \d+, column \d+: "):
+            C.resolve(None, [bad])

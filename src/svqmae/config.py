@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +27,56 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key or file at fault."""
 
 
+# a numeric field's range: "any" (finite), "> 0", ">= 1", "< 1", "<= 1", or an interval "[0, 1]", "(0, 1)", "[0, 1)"
+_RANGE = re.compile(r"^(any)$|^([<>]=?) ?(-?[\d.]+)$|^([\[(])(-?[\d.]+), (-?[\d.]+)([\])])$")
+
+
+def ranged(default: Any, spec: str) -> Any:
+    """A numeric field: its ``default`` and its range ``spec`` (see ``_RANGE``), checked with every
+    value finite whenever a configuration resolves or loads (:func:`check_ranges`); each element of a
+    tuple is checked. A field that also takes "auto" (``AUTO``) is checked when it holds a number."""
+    if not _RANGE.match(spec):
+        raise ValueError(f"range {spec!r}: expected any, > x, >= x, < x, <= x or an interval such as [0, 1)")
+    return field(default=default, metadata={"range": spec})
+
+
+def in_range(x: float, spec: str) -> bool:
+    """Whether the finite number ``x`` lies in ``spec``."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return False
+    m = _RANGE.match(spec)
+    if m.group(1):
+        return True
+    if m.group(2):
+        op, b = m.group(2), float(m.group(3))
+        return {">": x > b, ">=": x >= b, "<": x < b, "<=": x <= b}[op]
+    lo, hi = float(m.group(5)), float(m.group(6))
+    return (lo < x if m.group(4) == "(" else lo <= x) and (x < hi if m.group(7) == ")" else x <= hi)
+
+
+def check_ranges(node: Any, source: str, prefix: str = "") -> None:
+    """Every numeric field of the dataclass tree ``node`` within the range it declares (:func:`ranged`)."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, source, f"{key}.")
+            continue
+        spec = f.metadata.get("range")
+        if spec is None or (isinstance(value, str) and f.name in getattr(node, "AUTO", {})):
+            continue
+        if not all(in_range(x, spec) for x in (value if isinstance(value, tuple) else (value,))):
+            where = "a finite number" if spec == "any" else f"a finite number {spec}" if spec[0] in "<>" else \
+                f"a finite number in {spec}"
+            raise ConfigError(f"{source}: {key} must be {where}, got {value!r}")
+
+
 @dataclass
 class FeatureConfig:
-    sample_rate: int = 16000  # every input is resampled to this rate
-    n_mels: int = 80  # F: log-mel filterbank bins
-    frame_length_ms: float = 25.0
-    frame_shift_ms: float = 10.0
-    stack: int = 4  # frames per token: 4 -> 40 ms tokens (25 Hz), 2 -> 50 Hz
+    sample_rate: int = ranged(16000, "> 0")  # every input is resampled to this rate
+    n_mels: int = ranged(80, ">= 1")  # F: log-mel filterbank bins
+    frame_length_ms: float = ranged(25.0, "> 0")
+    frame_shift_ms: float = ranged(10.0, "> 0")
+    stack: int = ranged(4, ">= 1")  # frames per token: 4 -> 40 ms tokens (25 Hz), 2 -> 50 Hz
     # "utterance": each utterance's mel bins to zero mean, unit variance (removes loudness and level);
     # "global": fixed per-bin statistics of the pre-training corpus, estimated before the first step and
     # saved with the model (keeps each utterance's loudness and level, which carry emotion)
@@ -55,9 +100,9 @@ class FeatureConfig:
 
 @dataclass
 class MaskConfig:
-    ratio: float = 0.7  # share of (non-padding) tokens that are masked, exact per utterance
-    span: int = 3  # tokens per masked span
-    count: int = 1  # masks drawn per utterance and step; the front end and quantizer run once for all of them
+    ratio: float = ranged(0.7, "(0, 1)")  # share of (non-padding) tokens that are masked, exact per utterance
+    span: int = ranged(3, ">= 1")  # tokens per masked span
+    count: int = ranged(1, ">= 1")  # masks drawn per utterance and step; the front end and quantizer run once for all of them
 
 
 @dataclass
@@ -65,29 +110,29 @@ class MixConfig:
     # WavLM's utterance mixing (pre-training only): this share of the utterances in a batch get a
     # segment of another one added (at most max_share of their length, primary-to-added energy ratio
     # uniform in +-ratio_db dB); the encoder hears the mixture, the targets are the clean utterance's
-    prob: float = 0.0
-    max_share: float = 0.5
-    ratio_db: float = 5.0
+    prob: float = ranged(0.0, "[0, 1]")
+    max_share: float = ranged(0.5, "(0, 1]")
+    ratio_db: float = ranged(5.0, ">= 0")
 
 
 @dataclass
 class QuantizerConfig:
     kind: str = "random"  # "random": frozen random projection (BEST-RQ); "learned": EMA k-means VQ
-    codebook_size: int = 1024  # K
-    code_dim: int = 16
-    num_codebooks: int = 1
-    seed: int = 1234  # the random projection and codebook are a pure function of this seed
-    ema_decay: float = 0.99  # learned VQ only
+    codebook_size: int = ranged(1024, ">= 2")  # K
+    code_dim: int = ranged(16, ">= 1")
+    num_codebooks: int = ranged(1, ">= 1")
+    seed: int = ranged(1234, "any")  # the random projection and codebook are a pure function of this seed
+    ema_decay: float = ranged(0.99, "[0, 1)")  # learned VQ only
 
 
 @dataclass
 class TransformerConfig:
-    layers: int = 12
-    dim: int = 768  # D
-    heads: int = 12
-    ffn_dim: int = 3072
-    dropout: float = 0.1
-    rope_base: float = 10000.0
+    layers: int = ranged(12, ">= 1")
+    dim: int = ranged(768, ">= 1")  # D
+    heads: int = ranged(12, ">= 1")
+    ffn_dim: int = ranged(3072, ">= 1")
+    dropout: float = ranged(0.1, "[0, 1)")
+    rope_base: float = ranged(10000.0, "> 0")
 
 
 @dataclass
@@ -103,45 +148,45 @@ class ModelConfig:
     )
     # kernel (tokens, odd) of a depthwise convolution over the decoder's input grid, before its first block:
     # it spreads each visible token's content onto the masked slots around it (15 x 40 ms = 0.6 s); 0 = none
-    decoder_conv: int = 15
-    recon_weight: float = 0.0  # weight of the optional filterbank-reconstruction loss on masked tokens
+    decoder_conv: int = ranged(15, ">= 0")
+    recon_weight: float = ranged(0.0, ">= 0")  # weight of the optional filterbank-reconstruction loss on masked tokens
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    lr: float = 5e-4
-    min_lr_ratio: float = 0.05  # cosine decay floor, as a share of lr
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
-    warmup_steps: int = 1000
-    max_steps: int = 400_000
-    max_minutes: float = 0.0  # 0 = no time budget
-    grad_clip: float = 1.0
-    accumulate: int = 1  # gradient accumulation: 4 GPUs x 16 stand in for 64 GPUs
+    seed: int = ranged(0, "any")
+    lr: float = ranged(5e-4, "> 0")
+    min_lr_ratio: float = ranged(0.05, "[0, 1]")  # cosine decay floor, as a share of lr
+    weight_decay: float = ranged(0.01, ">= 0")
+    betas: tuple[float, float] = ranged((0.9, 0.98), "[0, 1)")
+    warmup_steps: int = ranged(1000, ">= 0")
+    max_steps: int = ranged(400_000, ">= 1")
+    max_minutes: float = ranged(0.0, ">= 0")  # 0 = no time budget
+    grad_clip: float = ranged(1.0, ">= 0")
+    accumulate: int = ranged(1, ">= 1")  # gradient accumulation: 4 GPUs x 16 stand in for 64 GPUs
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32 on CPU | "bf16" | "32"
     # audio seconds per batch (per device), or "auto": pre-training measures, once, the largest batch that fits
     # the device's memory (x auto_batch_margin) and caches it in DIR/auto_batch.json; on a CPU "auto" is the
     # preset's own figure (tiny 120, small 240, base 320), without a search
-    max_batch_seconds: float | str = 320.0
-    auto_batch_margin: float = 0.85  # share of the device's memory an automatic batch may plan for
-    max_utt_seconds: float = 15.0  # longer utterances are randomly cropped
-    min_utt_seconds: float = 0.5  # shorter utterances are skipped
-    speed_perturb: float = 0.0  # 0.1: each training utterance at a random speed in [0.9, 1.1] (tempo and pitch)
-    num_buckets: int = 10
-    num_workers: int | str = "auto"  # loader processes; auto: min(2, cores / 2) on a CPU, cores per GPU - 1 (<= 16) on GPUs
-    stream_buffer: int = 2000  # streamed data (Shar, large manifests): cuts each loader buffers to shuffle and bucket
-    val_items: int = 64  # held-out utterances for validation (fixed masks)
-    val_every: int = 500
-    log_every: int = 10
-    ckpt_every_steps: int = 500
-    ckpt_every_minutes: float = 10.0
-    keep_last: int = 2
-    max_nonfinite: int = 5  # non-finite loss/gradients: each such step is skipped; this many in a row stop the run
-    ddp_timeout_minutes: float = 30.0  # a collective waiting longer (hung or dead rank) ends the whole job
+    max_batch_seconds: float | str = ranged(320.0, "> 0")
+    auto_batch_margin: float = ranged(0.85, "(0, 1]")  # share of the device's memory an automatic batch may plan for
+    max_utt_seconds: float = ranged(15.0, "> 0")  # longer utterances are randomly cropped
+    min_utt_seconds: float = ranged(0.5, ">= 0")  # shorter utterances are skipped
+    speed_perturb: float = ranged(0.0, "[0, 1)")  # 0.1: each training utterance at a random speed in [0.9, 1.1] (tempo and pitch)
+    num_buckets: int = ranged(10, ">= 1")
+    num_workers: int | str = ranged("auto", ">= 0")  # loader processes; auto: min(2, cores / 2) on a CPU, cores per GPU - 1 (<= 16) on GPUs
+    stream_buffer: int = ranged(2000, ">= 1")  # streamed data (Shar, large manifests): cuts each loader buffers to shuffle and bucket
+    val_items: int = ranged(64, ">= 0")  # held-out utterances for validation (fixed masks)
+    val_every: int = ranged(500, ">= 1")
+    log_every: int = ranged(10, ">= 1")
+    ckpt_every_steps: int = ranged(500, ">= 0")
+    ckpt_every_minutes: float = ranged(10.0, ">= 0")
+    keep_last: int = ranged(2, ">= 1")
+    max_nonfinite: int = ranged(5, ">= 1")  # non-finite loss/gradients: each such step is skipped; this many in a row stop the run
+    ddp_timeout_minutes: float = ranged(30.0, "> 0")  # a collective waiting longer (hung or dead rank) ends the whole job
     inject_faults: list[str] = field(default_factory=list)  # testing: KIND@STEP[:rankR] (svqmae.engine.faults)
     devices: str = "auto"
-    num_nodes: int = 1
+    num_nodes: int = ranged(1, ">= 1")
     strategy: str = "auto"
     # learning-rate progress is max(step / max_steps, elapsed / max_minutes): with a time budget the schedule
     # warms up and decays over the minutes too (whichever budget binds first); False: steps only
@@ -151,7 +196,7 @@ class TrainConfig:
     torch_compile: str = "auto"  # torch.compile the Transformer blocks (shapes bucketed, dynamic: no per-step recompiles)
     pack: str = "auto"  # encoder: the visible tokens of the whole batch in one sequence, per-utterance attention
     fused_adamw: str = "auto"  # fused AdamW; non-finite steps are then skipped on the device, without a host sync
-    shape_bucket: int | str = "auto"  # pad token counts to a multiple of this so that shapes repeat; auto: 16 CUDA, 1 CPU
+    shape_bucket: int | str = ranged("auto", ">= 1")  # pad token counts to a multiple of this so that shapes repeat; auto: 16 CUDA, 1 CPU
 
     AUTO: ClassVar[dict[str, type]] = {"max_batch_seconds": float, "num_workers": int, "shape_bucket": int}
     SWITCHES: ClassVar[tuple[str, ...]] = ("torch_compile", "pack", "fused_adamw")  # auto | on | off
@@ -318,7 +363,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({e.__class__.__name__})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(e, "problem", None) or e.__class__.__name__
+        raise ConfigError(f"{p}: not valid YAML ({where}{what})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level")
     return data
@@ -354,6 +402,8 @@ def resolve(
 
 
 def validate(cfg: Config, source: str) -> None:
+    """The ranges every field declares (:func:`check_ranges`), then what ties fields together."""
+    check_ranges(cfg, source)
     m, t = cfg.model, cfg.train
 
     def need(cond: bool, msg: str) -> None:
@@ -425,42 +475,42 @@ def diff(a: Config, b: Config, prefix: str = "model") -> list[str]:
 @dataclass
 class UnitsConfig:
     kind: str = "char"  # "char": characters of the training transcripts | "bpe": a sentencepiece model
-    vocab_size: int = 300  # bpe only (an upper bound on tiny data)
-    min_count: int = 1  # char only: characters seen fewer times in training map to <unk>
+    vocab_size: int = ranged(300, ">= 4")  # bpe only (an upper bound on tiny data)
+    min_count: int = ranged(1, ">= 1")  # char only: characters seen fewer times in training map to <unk>
     lowercase: bool = True
 
 
 @dataclass
 class SpecAugConfig:
-    time_mask_prob: float = 0.04  # masks per token (each starts a span of up to time_mask_width tokens)
-    time_mask_width: int = 5  # tokens (5 x 40 ms = 0.2 s at 25 Hz)
-    freq_masks: int = 2  # masks per utterance over the mel bins (same bins in every stacked frame)
-    freq_mask_width: int = 15  # mel bins, at most
+    time_mask_prob: float = ranged(0.04, "[0, 1)")  # masks per token (each starts a span of up to time_mask_width tokens)
+    time_mask_width: int = ranged(5, ">= 1")  # tokens (5 x 40 ms = 0.2 s at 25 Hz)
+    freq_masks: int = ranged(2, ">= 0")  # masks per utterance over the mel bins (same bins in every stacked frame)
+    freq_mask_width: int = ranged(15, ">= 0")  # mel bins, at most
 
 
 @dataclass
 class CTCConfig:
-    freeze_steps: int = 1000  # the encoder is frozen (head only) for the first N steps; pre-trained models only
+    freeze_steps: int = ranged(1000, ">= 0")  # the encoder is frozen (head only) for the first N steps; pre-trained models only
     # the encoder's learning rate as a share of the head's (train.lr): 1.0 = one learning rate for all;
     # 0 = the encoder stays frozen throughout (only the head trains)
-    encoder_lr_ratio: float = 1.0
+    encoder_lr_ratio: float = ranged(1.0, ">= 0")
     # layer-wise learning-rate decay (BEiT / data2vec fine-tuning): block i (0-based) of n gets
     # layer_decay ** (n - i) times the encoder's learning rate, the front-end embedding layer_decay ** (n + 1),
     # the encoder's final norm the encoder's rate itself; 1.0 = off
-    layer_decay: float = 1.0
+    layer_decay: float = ranged(1.0, "(0, 1]")
     schedule: str = "tristage"  # "tristage" (warm-up, hold, exponential decay) | "cosine" (train.warmup_steps)
-    stages: tuple[float, float, float] = (0.1, 0.4, 0.5)  # tri-stage shares of max_steps
-    final_lr_ratio: float = 0.05  # tri-stage: lr at the end, as a share of train.lr
-    head_dropout: float = 0.1  # dropout on the encoder output before the CTC head
+    stages: tuple[float, float, float] = ranged((0.1, 0.4, 0.5), "[0, 1]")  # tri-stage shares of max_steps
+    final_lr_ratio: float = ranged(0.05, "(0, 1]")  # tri-stage: lr at the end, as a share of train.lr
+    head_dropout: float = ranged(0.1, "[0, 1)")  # dropout on the encoder output before the CTC head
     # the CTC head's input: False = the encoder's last layer; True = a learned softmax-weighted sum of every
     # hidden state (the embedding and each block, each layer-normalised), as SUPERB's probes use
     layer_sum: bool = False
     # a pre-trained encoder's top N blocks (and its final norm) start from random weights: what the
     # pre-training objective specialised them for is not what CTC needs; 0 = keep them
-    reinit_top: int = 0
-    upsample: int = 1  # CTC frames per token: 2 doubles the label rate (long transcripts at 25 Hz)
-    lstm_layers: int = 3  # the fbank baseline's BiLSTM
-    lstm_dim: int = 0  # its width (both directions); 0: the preset's encoder width
+    reinit_top: int = ranged(0, ">= 0")
+    upsample: int = ranged(1, ">= 1")  # CTC frames per token: 2 doubles the label rate (long transcripts at 25 Hz)
+    lstm_layers: int = ranged(3, ">= 1")  # the fbank baseline's BiLSTM
+    lstm_dim: int = ranged(0, ">= 0")  # its width (both directions); 0: the preset's encoder width
 
 
 @dataclass
