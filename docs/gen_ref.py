@@ -293,7 +293,7 @@ def compute_sentence(preset: str = "base", seconds: float = 10.0) -> str:
     return (f"At the `{preset}` preset, a {a['seconds']:g}-second utterance is {a['tokens']} tokens; the encoder runs on "
             f"its {a['visible']} visible tokens and the decoder on all {a['tokens']}: about "
             f"{a['svqmae_gflops']:.2g} GFLOPs of Transformer forward pass, against {a['encoder_only_gflops']:.2g} "
-            f"for the same encoder on every token (wav2vec 2.0 / BEST-RQ style), "
+            f"for the same encoder on every token (the encoder-only ablation, BEST-RQ / HuBERT style), "
             f"{a['encoder_only_gflops'] / a['svqmae_gflops']:.1f}x more.")
 
 

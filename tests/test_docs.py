@@ -277,3 +277,29 @@ def test_architecture_figure_follows_the_config():
     assert a["masked"] == round(cfg.model.mask.ratio * 250)
     assert a["svqmae_gflops"] < a["encoder_only_gflops"]
     assert f"{cfg.model.encoder.layers} x {cfg.model.encoder.dim}" in gen_ref.architecture_mermaid("tiny")
+
+
+def test_readme_figure_is_generated():
+    """README's architecture figure and compute sentence are the generator's output for today's base preset."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"```mermaid\n{gen_ref.architecture_mermaid('base')}\n```" in readme
+    assert gen_ref.compute_sentence("base") in readme
+
+
+def _github_anchor(heading: str) -> str:
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def test_readme_links_resolve():
+    """README is read on the forge, outside the site's strict build: its links to files and headings must hold."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for target in re.findall(r"\]\(([^)\s]+)\)", readme):
+        if target.startswith(("http://", "https://")):
+            continue
+        file, _, anchor = target.partition("#")
+        path = ROOT / file
+        assert path.is_file(), f"README links to {file}, which does not exist"
+        if anchor:
+            headings = [h.lstrip("#") for h in path.read_text(encoding="utf-8").splitlines() if h.startswith("#")]
+            assert anchor in {_github_anchor(h) for h in headings}, f"README links to {target}: no such heading"
