@@ -20,6 +20,7 @@ twice into ``DIR``: ``SPLIT.tsv`` (the manifest form every command reads: ``path
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import shutil
@@ -200,12 +201,16 @@ _EMO_LINE = re.compile(r"^\[\s*([\d.]+)\s*-\s*([\d.]+)\s*\]\s+(Ses\w+)\s+(\w+)\s
 _TEXT_LINE = re.compile(r"^(Ses\w+)\s+\[[^\]]*\]:\s*(.*)$")
 
 
-def prepare_iemocap(src: Path, **_) -> dict[str, CutSet]:
-    """``IEMOCAP_full_release/Session{1-5}/sentences/wav/{dialog}/{utt}.wav`` with labels from
-    ``Session{n}/dialog/EmoEvaluation/{dialog}.txt`` and text from ``dialog/transcriptions``.
-    4 classes (exc merged into hap); fold k tests on session k and trains on the other four."""
+def _iemocap_root(src: Path) -> Path:
     if not (src / "Session1").is_dir() and (src / "IEMOCAP_full_release").is_dir():
         src = src / "IEMOCAP_full_release"
+    return src
+
+
+def _iemocap_items(src: Path) -> list[tuple[str, str, str, Path, str]]:
+    """(session, utterance, label, wav, text) of every utterance labelled with one of the 4 classes
+    (exc merged into hap), sessions and label files in sorted order; a labelled file that is missing
+    is an error naming it."""
     sessions = sorted(d for d in src.glob("Session[1-5]") if d.is_dir())
     if not sessions:
         raise DataError(f"{src}: no Session1..Session5 folders (the IEMOCAP_full_release layout)")
@@ -235,6 +240,15 @@ def prepare_iemocap(src: Path, **_) -> dict[str, CutSet]:
     missing = [str(w) for _, _, _, w, _ in items if not w.is_file()]
     if missing:
         raise DataError(f"{missing[0]}: file not found (labelled in EmoEvaluation; {len(missing)} missing)")
+    return items
+
+
+def prepare_iemocap(src: Path, **_) -> dict[str, CutSet]:
+    """``IEMOCAP_full_release/Session{1-5}/sentences/wav/{dialog}/{utt}.wav`` with labels from
+    ``Session{n}/dialog/EmoEvaluation/{dialog}.txt`` and text from ``dialog/transcriptions``.
+    4 classes (exc merged into hap); fold k tests on session k and trains on the other four."""
+    src = _iemocap_root(src)
+    items = _iemocap_items(src)
     recs = _probe([(utt, wav) for _, utt, _, wav, _ in items], str(src))
     by_session: dict[str, list] = {}
     for sess, utt, emo, _, text in items:
@@ -301,6 +315,245 @@ def prepare(name: str, src: str | Path, out: str | Path, **options) -> dict[str,
         summary[split] = {"utterances": len(cuts), "hours": sum(c.duration for c in cuts) / 3600,
                           "labels": dict(sorted(labels.items()))}
     return summary
+
+
+# --------------------------------------------------------------------------- s3prl's layouts (SUPERB with s3prl)
+# ``svqmae data prepare speechcommands|iemocap SRC --out DIR --layout s3prl``: the folders and files that
+# s3prl 0.4.18's run_downstream.py reads for -d speech_commands / -d emotion, and a config for it.
+
+KS_V002_WORDS = ("backward", "follow", "forward", "learn", "visual")  # only in Speech Commands v0.02
+S3PRL_KS_CONFIG = "speech_commands.yaml"
+S3PRL_ER_CONFIG = "emotion.yaml"
+
+
+def s3prl_ks_bucket(name: str) -> str:
+    """Where s3prl's Speech Commands recipe puts a training file, by its name alone (``split_dataset``
+    in ``s3prl/downstream/speech_commands/expert.py``; ``validation_list.txt`` is not read): the sha1
+    of the speaker hash before ``_nohash_`` as a percentage, < 10 ``dev``, < 20 ``discarded`` (the
+    original paper's test part), else ``train``."""
+    max_per_class = 2**27 - 1
+    speaker = re.sub(r"_nohash_.*$", "", name)
+    pct = (int(hashlib.sha1(speaker.encode("utf-8")).hexdigest(), 16) % (max_per_class + 1)) * (100.0 / max_per_class)
+    return "dev" if pct < 10 else "discarded" if pct < 20 else "train"
+
+
+def s3prl_ks_speaker(speaker: str, bucket: str) -> str:
+    """A file-name speaker id for ``speaker`` (its letters and digits and a 3-digit suffix) that s3prl
+    puts in ``bucket`` (``train`` or ``dev``): for audio that is not Speech Commands, whose speakers
+    would otherwise fall where their names hash, a tenth of them discarded."""
+    stem = re.sub(r"[^A-Za-z0-9]", "", speaker) or "spk"
+    for k in range(1000):
+        if s3prl_ks_bucket(f"{stem}{k:03d}") == bucket:
+            return f"{stem}{k:03d}"
+    raise ValueError(f"no name for speaker {speaker!r} in s3prl's {bucket!r} bucket")  # never: p ~ 0.8^1000
+
+
+def _place_wav(src: Path, dest: Path) -> None:
+    """``dest`` (.wav) as a link to ``src`` if that is already 16 kHz mono WAV, else converted to it."""
+    import soundfile as sf
+
+    from .audio import read_audio, write_audio
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.is_symlink() or dest.exists():
+        dest.unlink()
+    try:
+        info = sf.info(str(src))
+    except Exception as e:
+        raise DataError(f"{src}: unreadable audio ({e})") from None
+    if info.format == "WAV" and info.samplerate == 16000 and info.channels == 1:
+        dest.symlink_to(src.resolve())
+    else:
+        write_audio(dest, read_audio(src, 16000), 16000)
+
+
+def write_s3prl_ks(out: str | Path, train: list[tuple[str, str, Path]], noise: list[Path],
+                   test: list[tuple[str, str, Path]]) -> dict[str, dict]:
+    """Write s3prl's Speech Commands layout into ``out``: ``train/WORD/NAME.wav`` (``train``:
+    (word, name, audio); words outside the ten are s3prl's ``_unknown_``), ``train/_background_noise_/``
+    (``noise``: s3prl's ``_silence_``, 1 s crops of files >= 1 s), ``test/CLASS/NAME.wav`` (``test``:
+    (class, name, audio), the 12 classes as folder names), all 16 kHz WAV (links where the source is
+    one), and ``speech_commands.yaml``. Names are ``SPEAKER_nohash_N``; s3prl splits train and dev by
+    the speaker part (:func:`s3prl_ks_bucket`). Returns {split: {utterances, hours, labels}} for
+    s3prl's train / dev / discarded / test."""
+    out = Path(out)
+    summary: dict[str, dict] = {}
+
+    def count(split: str, label: str, path: Path) -> None:
+        import soundfile as sf
+
+        s = summary.setdefault(split, {"utterances": 0, "hours": 0.0, "labels": {}})
+        s["utterances"] += 1
+        s["hours"] += sf.info(str(path)).duration / 3600
+        s["labels"][label] = s["labels"].get(label, 0) + 1
+
+    bad = sorted({c for c, _, _ in test} - set(KS_CLASSES))
+    if bad:
+        raise DataError(f"test classes {', '.join(bad)}: s3prl's Speech Commands test folders are {', '.join(KS_CLASSES)}")
+    if not noise:
+        raise DataError(f"{out}: no _background_noise_ audio (s3prl's _silence_ class comes only from it)")
+    for word, name, path in train:
+        dest = out / "train" / word / f"{name}.wav"
+        _place_wav(path, dest)
+        count(s3prl_ks_bucket(dest.name), _ks_label(word), dest)
+    for path in noise:
+        dest = out / "train" / "_background_noise_" / f"{path.stem}.wav"
+        _place_wav(path, dest)
+        import soundfile as sf
+
+        if sf.info(str(dest)).frames < 16000:
+            raise DataError(f"{path}: background noise shorter than 1 s (s3prl crops 1 s of it)")
+        for split in ("train", "dev"):  # s3prl adds every noise file to both
+            count(split, "_silence_", dest)
+    for cls, name, path in test:
+        dest = out / "test" / cls / f"{name}.wav"
+        _place_wav(path, dest)
+        count("test", cls, dest)
+    if not summary.get("dev", {}).get("labels", {}).keys() - {"_silence_"}:
+        raise DataError(f"{out}: no training file falls in s3prl's dev split (speaker hash < 10%); "
+                        "name speakers with svqmae.data.recipes.s3prl_ks_speaker")
+    config = _S3PRL_KS_YAML.format(train=(out / "train").resolve(), test=(out / "test").resolve())
+    (out / S3PRL_KS_CONFIG).write_text(config)
+    for s in summary.values():
+        s["labels"] = dict(sorted(s["labels"].items()))
+    return {k: summary[k] for k in ("train", "dev", "discarded", "test") if k in summary}
+
+
+def s3prl_speechcommands(src: Path, out: Path, test_dir: Path | None = None, **_) -> dict[str, dict]:
+    """SUPERB KS for s3prl from the public archives: Speech Commands v0.01 (not v0.02, whose extra
+    words s3prl would count as _unknown_) and its separate test set, both required."""
+    if not (src / "_background_noise_").is_dir() and (src / "speech_commands_v0.01").is_dir():
+        src = src / "speech_commands_v0.01"
+    noise = sorted(_need_dir(src / "_background_noise_", "the Speech Commands v0.01 layout").glob("*.wav"))
+    words = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("_")
+                   and d.name != "speech_commands_test_set_v0.01")
+    v2 = [w for w in words if w in KS_V002_WORDS]
+    if v2:
+        raise DataError(f"{src}: has folders {', '.join(v2)}: this is Speech Commands v0.02; SUPERB's KS "
+                        "(and s3prl's recipe) uses v0.01 (svqmae data download speechcommands)")
+    test_root = _find_ks_test(src, test_dir)
+    if test_root is None:
+        raise DataError(f"{src}: no speech_commands_test_set_v0.01 beside or inside it (s3prl's test set; "
+                        "pass --test-dir)")
+    train = [(w, f.stem, f) for w in words for f in sorted((src / w).glob("*.wav"))]
+    test = [(d.name, f.stem, f) for d in sorted(test_root.iterdir()) if d.is_dir() for f in sorted(d.glob("*.wav"))]
+    return write_s3prl_ks(out, train, noise, test)
+
+
+def s3prl_iemocap(src: Path, out: Path, **_) -> dict[str, dict]:
+    """SUPERB ER for s3prl: ``meta_data/Session{k}/{train,test}_meta_data.json`` as s3prl's
+    ``IEMOCAP_preprocess.py`` writes them (paths relative to the corpus root, the 4 labels, exc merged
+    into hap, speaker = the dialog's session and gender), and ``emotion.yaml`` with the corpus as
+    ``root``. The audio stays where it is."""
+    src = _iemocap_root(src)
+    items = _iemocap_items(src)
+    by_session: dict[str, list[dict]] = {}
+    for sess, _utt, emo, wav, _text in items:
+        rel = wav.relative_to(src).as_posix()
+        by_session.setdefault(sess, []).append({"path": rel, "label": emo, "speaker": wav.name.split("_")[0]})
+    labels = {c: i for i, c in enumerate(ER_CLASSES)}
+    summary = {}
+    for sess in sorted(by_session):
+        d = out / "meta_data" / sess
+        d.mkdir(parents=True, exist_ok=True)
+        train = [m for s in sorted(by_session) if s != sess for m in by_session[s]]
+        for split, meta in (("train", train), ("test", by_session[sess])):
+            (d / f"{split}_meta_data.json").write_text(json.dumps({"labels": labels, "meta_data": meta}))
+            counts: dict[str, int] = {}
+            for m in meta:
+                counts[m["label"]] = counts.get(m["label"], 0) + 1
+            summary[f"fold{sess[-1]}_{split}"] = {"utterances": len(meta), "hours": float("nan"),
+                                                 "labels": dict(sorted(counts.items()))}
+    config = _S3PRL_ER_YAML.format(root=src.resolve(), meta=(out / "meta_data").resolve())
+    (out / S3PRL_ER_CONFIG).write_text(config)
+    return summary
+
+
+S3PRL_LAYOUTS: dict[str, Callable[..., dict[str, dict]]] = {
+    "speechcommands": s3prl_speechcommands,
+    "iemocap": s3prl_iemocap,
+}
+S3PRL_CONFIGS = {"speechcommands": S3PRL_KS_CONFIG, "iemocap": S3PRL_ER_CONFIG}
+
+
+def prepare_s3prl(name: str, src: str | Path, out: str | Path, **options) -> dict[str, dict]:
+    """Write corpus ``name`` in the layout s3prl's run_downstream.py reads, with its config
+    (``out/speech_commands.yaml`` or ``out/emotion.yaml``: pass it with ``-c``)."""
+    if name not in S3PRL_LAYOUTS:
+        raise DataError(f"--layout s3prl: not for '{name}' (only {', '.join(S3PRL_LAYOUTS)})")
+    src, out = Path(src).resolve(), Path(out)
+    _need_dir(src, f"the {name} corpus folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return S3PRL_LAYOUTS[name](src, out, **options)
+
+
+# s3prl 0.4.18's downstream/{speech_commands,emotion}/config.yaml (not in its PyPI package), data paths
+# filled in and num_workers 2 (s3prl's 8 / 6 are for its cluster).
+def _s3prl_runner_yaml(total: int, accumulate: int, log: int, evaluate: int) -> str:
+    return f"""runner:
+  total_steps: {total}
+  gradient_clipping: 1
+  gradient_accumulate_steps: {accumulate}
+  log_step: {log}
+  eval_step: {evaluate}
+  save_step: 1000
+  max_keep: 1
+  eval_dataloaders:
+    - dev
+    - test
+
+optimizer:
+  name: TorchOptim
+  torch_optim_name: Adam
+  lr: 1.0e-4
+"""
+
+
+_S3PRL_KS_YAML = ("# s3prl 0.4.18 downstream/speech_commands/config.yaml with this folder's data; written by "
+                  "svqmae data prepare\n" + _s3prl_runner_yaml(200000, 1, 100, 5000)
+                  + """
+downstream_expert:
+  datarc:
+    speech_commands_root: {train}
+    speech_commands_test_root: {test}
+    num_workers: 2
+    batch_size: 32
+
+  modelrc:
+    projector_dim: 256
+    select: UtteranceLevel
+    UtteranceLevel:
+      pooling: MeanPooling
+""")
+
+_S3PRL_ER_YAML = ("# s3prl 0.4.18 downstream/emotion/config.yaml with this corpus; written by svqmae data prepare\n"
+                  + _s3prl_runner_yaml(30000, 8, 500, 1000) + """
+downstream_expert:
+  datarc:
+    root: {root}
+    meta_data: {meta}
+    test_fold: fold1
+    pre_load: True
+    train_batch_size: 4
+    eval_batch_size: 4
+    num_workers: 2
+    valid_ratio: 0.2
+
+  modelrc:
+    projector_dim: 256
+    select: UtteranceLevel
+
+    UtteranceLevel:
+      pooling: MeanPooling
+
+    DeepModel:
+      model_type: CNNSelfAttention
+      hidden_dim: 80
+      kernel_size: 5
+      padding: 2
+      pooling: 5
+      dropout: 0.4
+""")
 
 
 # --------------------------------------------------------------------------- download
