@@ -12,7 +12,7 @@ import pytest
 
 from svqmae import cli
 from svqmae.data import load_source
-from svqmae.data.synth import KS_CLASSES, STYLES, TASKS, VARIANTS, ESpeak, plan, synthesize
+from svqmae.data.synth import KS_CLASSES, LABELS, STYLES, TASKS, VARIANTS, ESpeak, plan, synthesize
 
 
 def _variants(setting: str) -> list[str]:
@@ -123,3 +123,35 @@ def test_plan_depends_on_seed_and_scales_with_minutes():
 def test_reuses_a_finished_corpus(corpus, capsys):
     synthesize(corpus, minutes=0.5, seed=7)
     assert "reusing" in capsys.readouterr().out
+
+
+def test_more_test_items_leave_the_planned_corpus_alone():
+    base, more = plan(5, seed=0), plan(5, seed=0, test_items=100)
+    assert more[: len(base)] == base  # the pre-training set and the planned test items are the same
+    added = more[len(base):]
+    assert {u.task for u in added} == set(LABELS) and all(u.split == "test" for u in added)
+    assert len({u.path for u in more}) == len(more)
+    train_variants = {u.voice.split("+")[1] for u in base if u.split == "train"}
+    for task, labels in LABELS.items():
+        test = [u for u in more if u.task == task and u.split == "test"]
+        assert len(test) >= 100
+        extra = [u for u in added if u.task == task]
+        assert statistics.pvariance([sum(u.label == c for u in extra) for c in labels]) == 0  # classes balanced
+        assert not {u.voice.split("+")[1] for u in test} & train_variants  # still unseen voices
+        # more voices than the planned test split had
+        assert len({u.voice for u in test}) > 2 * len({u.voice for u in base if u.task == task and u.split == "test"})
+
+
+def test_synthesized_test_items_add_files_and_change_none(corpus, tmp_path):
+    more = tmp_path / "more"
+    summary = synthesize(more, minutes=0.5, seed=7, log=lambda m: None, test_items=24)
+    assert summary["test_items"] == 24
+    for task in TASKS:
+        assert _rows(more / task / "train.tsv") == _rows(corpus / task / "train.tsv")
+        test, before = _rows(more / task / "test.tsv"), _rows(corpus / task / "test.tsv")
+        assert test[: len(before)] == before
+        assert len(test) >= 24 if task in LABELS else test == before
+    assert (more / "pretrain.tsv").read_bytes() == (corpus / "pretrain.tsv").read_bytes()
+    shared = [p.relative_to(corpus) for p in corpus.rglob("*.flac")]
+    assert shared and all((more / f).read_bytes() == (corpus / f).read_bytes() for f in shared)
+    assert synthesize(more, minutes=0.5, seed=7, log=lambda m: None, test_items=24) == summary  # reused

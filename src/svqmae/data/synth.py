@@ -16,7 +16,14 @@ speaker-disjoint and the test voices unheard. Four tasks, each with ``train.tsv`
 
 ``pretrain.tsv`` at the top lists every train-split file (the unlabeled pre-training set).
 
-Everything, audio bytes included, is a pure function of ``seed`` and ``minutes``. eSpeak NG is not
+``test_items`` (the demo asks for 400) tops the test split of each labelled task (``keywords``,
+``styles``) up to at least that many utterances, so that a score on it is precise (400 items: a 95%
+interval of at most about +-5 points). The added utterances come after the planned ones, from a
+generator of their own, and are spoken by more unseen voices: every test-only variant in every
+English accent, each with its own pitch, range and rate. Everything else, the pre-training set
+included, is the same file for file as without them.
+
+Everything, audio bytes included, is a pure function of ``seed``, ``minutes`` and ``test_items``. eSpeak NG is not
 that by itself, for three reasons, each handled in :class:`ESpeak`:
 
 - Its own random generator (pitch flutter, Klatt noise) is seeded per utterance
@@ -68,6 +75,7 @@ UNKNOWN_WORDS = ("bed", "bird", "cat", "dog", "eight", "five", "four", "happy", 
                  "one", "seven", "sheila", "six", "three", "tree", "two", "wow", "zero")
 STYLES = ("neutral", "happy", "sad", "angry")
 TASKS = ("keywords", "english", "mandarin", "styles")
+LABELS = {"keywords": KS_CLASSES, "styles": STYLES}  # the labelled tasks and their classes
 SHARE = {"keywords": 0.3, "english": 0.3, "mandarin": 0.15, "styles": 0.25}  # of the minutes asked for
 # at least every class once in each split (labels cycle every TEST_EVERY utterances)
 MIN_COUNT = {"keywords": len(KS_CLASSES) * TEST_EVERY, "english": 2 * TEST_EVERY, "mandarin": 2 * TEST_EVERY,
@@ -175,8 +183,30 @@ def _style(v: Voice, style: str) -> dict:
     }[style]
 
 
-def plan(minutes: float, seed: int) -> list[Utterance]:
-    """The corpus as a list of utterances to render (deterministic)."""
+def _utterance(rng: random.Random, task: str, i: int, split: str, v: Voice, label: str) -> Utterance:
+    """Utterance ``i`` of ``task``, spoken by ``v``: its text and rendering settings drawn from ``rng``."""
+    settings = dict(pitch=v.pitch, range=v.range, rate=v.rate, volume=100)
+    clip, silence, speaker = 0.0, False, v.id
+    if task == "keywords":
+        text = rng.choice(UNKNOWN_WORDS) if label == "_unknown_" else "" if label == "_silence_" else label
+        clip, silence = 1.0, label == "_silence_"
+        speaker = "" if silence else v.id
+    elif task == "mandarin":
+        text = _mandarin(rng)
+    else:
+        text = _english(rng).upper()
+        if task == "styles":
+            settings = _style(v, label)
+    return Utterance(
+        task=task, split=split, index=i, path=f"audio/{task}-{i:05d}.flac", text=text, label=label,
+        speaker=speaker, voice=v.voice, gain_db=rng.uniform(-9.0, -3.0), snr_db=rng.uniform(22.0, 40.0),
+        noise=rng.choice(("white", "pink", "brown")), seed=rng.randrange(2**31), clip_seconds=clip,
+        silence=silence, **settings)
+
+
+def plan(minutes: float, seed: int, test_items: int = 0) -> list[Utterance]:
+    """The corpus as a list of utterances to render (deterministic); ``test_items``: see the module
+    docstring (the utterances it adds come last, the others are the same with or without it)."""
     rng = random.Random(f"svqmae-synth/{seed}")
     variants = list(VARIANTS)
     rng.shuffle(variants)
@@ -187,29 +217,35 @@ def plan(minutes: float, seed: int) -> list[Utterance]:
     for task in TASKS:
         n = max(round(minutes * 60 * SHARE[task] / TYPICAL_SECONDS[task]), MIN_COUNT[task])
         lang = "zh" if task == "mandarin" else "en"
+        labels = LABELS.get(task)
         for i in range(n):
             split = _split(i)
             v = rng.choice(by_split[lang][split])
-            settings = dict(pitch=v.pitch, range=v.range, rate=v.rate, volume=100)
-            label, clip, silence, speaker = "", 0.0, False, v.id
-            if task == "keywords":
-                label = KS_CLASSES[(i // TEST_EVERY) % len(KS_CLASSES)]
-                text = rng.choice(UNKNOWN_WORDS) if label == "_unknown_" else "" if label == "_silence_" else label
-                clip, silence = 1.0, label == "_silence_"
-                speaker = "" if silence else v.id
-            elif task == "english":
-                text = _english(rng).upper()
-            elif task == "mandarin":
-                text = _mandarin(rng)
-            else:
-                label = STYLES[(i // TEST_EVERY) % len(STYLES)]
-                text = _english(rng).upper()
-                settings = _style(v, label)
-            out.append(Utterance(
-                task=task, split=split, index=i, path=f"audio/{task}-{i:05d}.flac", text=text, label=label,
-                speaker=speaker, voice=v.voice, gain_db=rng.uniform(-9.0, -3.0), snr_db=rng.uniform(22.0, 40.0),
-                noise=rng.choice(("white", "pink", "brown")), seed=rng.randrange(2**31), clip_seconds=clip,
-                silence=silence, **settings))
+            out.append(_utterance(rng, task, i, split, v, labels[(i // TEST_EVERY) % len(labels)] if labels else ""))
+    if test_items > 0:
+        out += _more_test_items(out, seed, test_items, by_split["en"]["test"])
+    return out
+
+
+def _more_test_items(planned: list[Utterance], seed: int, test_items: int, test_voices: list[Voice]) -> list[Utterance]:
+    """Test utterances after the planned ones, so that each labelled task has at least ``test_items``
+    (every class equally often among those added), by the planned test voices and more: each test-only
+    variant in every English accent, each with its own pitch, range and rate."""
+    rng = random.Random(f"svqmae-synth/{seed}/more-test")
+    taken = {v.id for v in test_voices}
+    voices = list(test_voices)
+    for variant in sorted({v.id.split("+")[1] for v in test_voices}):
+        for accent in EN_ACCENTS:
+            if f"{accent}+{variant}" not in taken:
+                voices.append(Voice(id=f"{accent}+{variant}", voice=f"{accent}+{variant}", pitch=rng.randint(30, 70),
+                                    range=rng.randint(35, 75), rate=rng.randint(140, 195), split="test"))
+    out = []
+    for task, labels in LABELS.items():
+        mine = [u for u in planned if u.task == task]
+        missing = test_items - sum(u.split == "test" for u in mine)
+        extra = -(-missing // len(labels)) * len(labels) if missing > 0 else 0  # whole rounds of the classes
+        out += [_utterance(rng, task, len(mine) + j, "test", rng.choice(voices), labels[j % len(labels)])
+                for j in range(extra)]
     return out
 
 
@@ -382,14 +418,16 @@ def _pool_context():
 
 
 def synthesize(out: str | Path, minutes: float = 30.0, seed: int = 0, workers: int | None = None,
-               log=print) -> dict:
+               log=print, test_items: int = 0) -> dict:
     """Write the demo corpus into ``out`` (see the module docstring); returns its summary, also
     saved as ``out/corpus.json``. A corpus already there with the same settings is reused."""
     if minutes <= 0:
         raise DataError(f"{out}: --minutes must be > 0 (got {minutes})")
+    if test_items < 0:
+        raise DataError(f"{out}: test_items must be >= 0 (got {test_items})")
     out = Path(out)
     stamp = out / "corpus.json"
-    settings = {"format": FORMAT_VERSION, "minutes": minutes, "seed": seed}
+    settings = {"format": FORMAT_VERSION, "minutes": minutes, "seed": seed, "test_items": test_items}
     if stamp.is_file():
         try:
             old = json.loads(stamp.read_text())
@@ -399,7 +437,7 @@ def synthesize(out: str | Path, minutes: float = 30.0, seed: int = 0, workers: i
             log(f"demo corpus already in {out} ({old['hours'] * 60:.1f} min); reusing it")
             return old
     t0 = time.monotonic()
-    items = plan(minutes, seed)
+    items = plan(minutes, seed, test_items)
     out.mkdir(parents=True, exist_ok=True)
     shards = [(str(out), items[k::N_SHARDS]) for k in range(N_SHARDS) if items[k::N_SHARDS]]
     workers = max(1, min(workers or os.cpu_count() or 1, len(shards)))

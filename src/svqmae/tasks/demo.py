@@ -4,11 +4,14 @@ machine with no data.
 1. Synthesize the demo corpus with eSpeak NG (:mod:`svqmae.synth`) into ``DIR/corpus``.
 2. Pre-train a tiny SVQ-MAE on its train split, unlabeled (``DIR/pretrain``).
 3. Evaluate keyword spotting (12 classes) and speaking style (4 classes) of unseen voices from the
-   frozen features, against the filterbank baseline (:func:`svqmae.evaluate.evaluate`).
+   frozen features, against two filterbank baselines: SUPERB's (frames mean-pooled) and the same
+   with statistics pooling (mean and standard deviation; :func:`svqmae.evaluate.evaluate`). Each
+   task has at least 400 test utterances, so each score's 95% interval is within about +-5 points.
 4. Print a table; write ``DIR/results.md``, ``DIR/results.json`` and plots in ``DIR/plots``.
 
-The full demo takes about 12 minutes on 2 CPU cores; ``--quick`` (a smaller corpus and model, a
-few steps) takes under a minute and only shows that everything runs.
+The full demo takes 6 to 12 minutes on 2 CPU cores (pre-training stops after 7 minutes or 1,500
+steps); ``--quick`` (a smaller corpus and model, a few steps) takes about a minute and only shows
+that everything runs.
 """
 
 from __future__ import annotations
@@ -29,18 +32,21 @@ def _log(msg: str) -> None:
 @dataclass(frozen=True)
 class DemoSettings:
     minutes: float  # of synthetic audio
+    test_items: int  # at least this many test utterances per task (svqmae.data.synth)
     overrides: tuple[str, ...]  # on top of the tiny preset
     eval_options: dict
 
 
 FULL = DemoSettings(
     minutes=30.0,
+    test_items=400,  # a 95% interval of at most about +-5 points
     overrides=("train.max_minutes=7", "train.max_steps=1500", "train.warmup_steps=60", "train.max_batch_seconds=60",
                "train.max_utt_seconds=6", "train.val_every=100", "train.log_every=10"),
     eval_options={},
 )
 QUICK = DemoSettings(
     minutes=1.5,
+    test_items=0,
     overrides=("model.encoder.layers=2", "model.encoder.dim=64", "model.encoder.heads=2", "model.encoder.ffn_dim=128",
                "model.decoder.layers=1", "model.decoder.dim=64", "model.decoder.heads=2", "model.decoder.ffn_dim=128",
                "model.quantizer.codebook_size=64", "train.max_steps=10", "train.warmup_steps=2",
@@ -52,6 +58,10 @@ QUICK = DemoSettings(
 TASKS = (  # (evaluate task, corpus folder, what the table calls it)
     ("ks", "keywords", "keyword spotting (12 classes)"),
     ("classify", "styles", "speaking style (4 classes)"),
+)
+BASELINES = (  # (evaluate model, its column in the table)
+    ("fbank", "filterbanks, mean-pooled (SUPERB)"),
+    ("fbank-stats", "filterbanks, mean+std pooled"),
 )
 
 
@@ -70,8 +80,8 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overrides: tup
     cfg = C.resolve("tiny", overrides=[*s.overrides, f"train.seed={seed}", *overrides])
     out = Path(out)
     t0 = time.monotonic()
-    _log(f"== 1/3 demo corpus ({s.minutes:g} min of synthetic speech)")
-    corpus_info = synthesize(out / "corpus", minutes=s.minutes, seed=seed, log=_log)
+    _log(f"== 1/3 demo corpus ({s.minutes:g} min of synthetic speech to pre-train on, and its test sets)")
+    corpus_info = synthesize(out / "corpus", minutes=s.minutes, seed=seed, log=_log, test_items=s.test_items)
     corpus = out / "corpus"
 
     _log("== 2/3 pre-training a tiny SVQ-MAE on the unlabeled train split")
@@ -88,7 +98,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overrides: tup
 
         _log("== 3/3 evaluating frozen features on unseen voices: SVQ-MAE vs filterbanks")
         for task, folder, title in TASKS:
-            for model, tag in (("fbank", "fbank"), (str(model_dir), "svqmae")):
+            for model, tag in (*((m, m) for m, _ in BASELINES), (str(model_dir), "svqmae")):
                 rep = evaluate(model=model, task=task, train=str(corpus / folder / "train.tsv"),
                                test=str(corpus / folder / "test.tsv"), out=str(out / "eval" / f"{folder}_{tag}.json"),
                                seed=seed, **s.eval_options)
@@ -98,7 +108,9 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overrides: tup
                                 else str(rep["upstream"])})
 
     summary = {
-        "quick": quick, "seed": seed, "overrides": list(overrides), "minutes_of_audio": round(corpus_info["hours"] * 60, 1),
+        "quick": quick, "seed": seed, "overrides": list(overrides),
+        "minutes_of_audio": round(corpus_info["hours"] * 60, 1),
+        "pretrain_minutes_of_audio": round(_pretrain_minutes(corpus_info), 1),
         "pretrain": _pretrain_summary(train_rows, metrics), "results": results,
         "seconds": round(time.monotonic() - t0, 1), "model": str(model_dir),
     }
@@ -109,6 +121,11 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overrides: tup
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     print(f"\nplots: {', '.join(summary['plots'])}\nmodel: {model_dir} (load with svqmae.load)")
     return summary
+
+
+def _pretrain_minutes(corpus_info: dict) -> float:
+    """Minutes of audio in the corpus' train splits (what pre-training sees)."""
+    return sum(t["train"]["minutes"] for t in corpus_info["tasks"].values())
 
 
 def _pretrain_summary(rows: list[dict], metrics: list[dict]) -> dict:
@@ -125,8 +142,8 @@ def _pretrain_summary(rows: list[dict], metrics: list[dict]) -> dict:
 
 def results_table(summary: dict) -> str:
     p = summary["pretrain"]
-    lines = [f"SVQ-MAE demo: {summary['minutes_of_audio']} min of synthetic speech, test voices unseen in training"
-             + (" (--quick: a smoke test, numbers mean nothing)" if summary["quick"] else ""), ""]
+    lines = [f"SVQ-MAE demo: pre-trained on {summary['pretrain_minutes_of_audio']} min of synthetic speech; tested on voices "
+             "unseen in training" + (" (--quick: a smoke test, numbers mean nothing)" if summary["quick"] else ""), ""]
     if p:
         lines.append(f"pre-training: {p['steps']} steps in {p['minutes']} min; loss {p['loss'][0]:.2f} -> "
                      f"{p['loss'][1]:.2f}; masked code accuracy {p['masked_acc'][0]:.3f} -> {p['masked_acc'][1]:.3f}"
@@ -137,10 +154,13 @@ def results_table(summary: dict) -> str:
         by_task: dict[str, dict[str, dict]] = {}
         for r in summary["results"]:
             by_task.setdefault(r["task"], {})[r["model"]] = r
-        lines += ["| task | metric | filterbank baseline | SVQ-MAE (frozen) |", "|---|---|---|---|"]
+        columns = [*BASELINES, ("svqmae", "SVQ-MAE (frozen)")]
+        lines += ["| task | test items | " + " | ".join(title for _, title in columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
         for task, m in by_task.items():
-            metric = next(iter(m.values()))["metric"]
-            lines.append(f"| {task} | {metric} | {_fmt(m.get('fbank'))} | {_fmt(m.get('svqmae'))} |")
+            n = next(iter(m.values()))["n_test"]
+            lines.append(f"| {task} | {n} | " + " | ".join(_fmt(m.get(tag)) for tag, _ in columns) + " |")
+        lines += ["", "accuracy % [95% bootstrap interval over test items]; frozen features, linear probe"]
     else:
         lines.append("(no downstream evaluation: svqmae.evaluate is not available)")
     return "\n".join(lines)
@@ -176,12 +196,17 @@ def _plots(out: Path, run: Path, rows: list[dict], results: list[dict]) -> list[
         made.append(plots / "codebook_usage.png")
     if results:
         tasks = list(dict.fromkeys(r["task"] for r in results))
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        for k, (model, color) in enumerate((("fbank", "tab:gray"), ("svqmae", "tab:blue"))):
-            vals = [next((100 * r["value"] for r in results if r["task"] == t and r["model"] == model), 0) for t in tasks]
-            ax.bar([i + 0.38 * k for i in range(len(tasks))], vals, width=0.38, color=color,
-                   label="filterbank baseline" if model == "fbank" else "SVQ-MAE (frozen)")
-        ax.set_xticks([i + 0.19 for i in range(len(tasks))], tasks)
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        columns = [*BASELINES, ("svqmae", "SVQ-MAE (frozen)")]
+        width = 0.8 / len(columns)
+        for k, ((model, label), color) in enumerate(zip(columns, ("tab:gray", "tab:olive", "tab:blue"))):
+            got = [next((r for r in results if r["task"] == t and r["model"] == model), None) for t in tasks]
+            vals = [100 * r["value"] if r else 0 for r in got]
+            err = [[v - 100 * r["ci95"][0] if r else 0 for v, r in zip(vals, got)],
+                   [100 * r["ci95"][1] - v if r else 0 for v, r in zip(vals, got)]]
+            ax.bar([i + width * k for i in range(len(tasks))], vals, width=width, color=color, label=label,
+                   yerr=err, capsize=3)
+        ax.set_xticks([i + width * (len(columns) - 1) / 2 for i in range(len(tasks))], tasks)
         ax.set(ylabel="accuracy (%)", ylim=(0, 100), title="unseen voices, frozen features + linear head")
         ax.legend()
         fig.tight_layout()
