@@ -20,12 +20,24 @@ def cmd_prepare(args) -> None:
 
     output_folder(args.out, "manifests")
     opts = {"test_dir": Path(args.test_dir) if args.test_dir else None, "label_from_folder": args.label_from_folder}
+    if args.layout == "s3prl":
+        return _prepare_s3prl(args, opts)
     summary = prepare(args.corpus, args.src, args.out, **opts)
     print(f"{'split':<16} {'utterances':>10} {'hours':>8}  labels")
     for split, s in summary.items():
         labels = ", ".join(f"{k} {v}" for k, v in s["labels"].items())
         print(f"{split:<16} {s['utterances']:>10} {s['hours']:>8.2f}  {labels}")
     print(f"manifests written to {args.out}/<split>.tsv and <split>_cuts.jsonl.gz")
+
+
+def _prepare_s3prl(args, opts) -> None:
+    from ..data.recipes import S3PRL_CONFIGS, prepare_s3prl
+
+    summary = prepare_s3prl(args.corpus, args.src, args.out, **opts)
+    print(f"{'s3prl split':<16} {'utterances':>10}  labels")
+    for split, s in summary.items():
+        print(f"{split:<16} {s['utterances']:>10}  {', '.join(f'{k} {v}' for k, v in s['labels'].items())}")
+    print(f"s3prl layout written to {args.out}; run_downstream.py -c {Path(args.out) / S3PRL_CONFIGS[args.corpus]}")
 
 
 def cmd_download(args) -> None:
@@ -92,6 +104,9 @@ def add_cli(sub) -> None:
     q.add_argument("--test-dir", metavar="DIR", help="speechcommands: the speech_commands_test_set_v0.01 folder "
                    "(default: looked for beside or inside SRC_DIR)")
     q.add_argument("--label-from-folder", action="store_true", help="folder: label = the parent folder's name")
+    q.add_argument("--layout", choices=["manifests", "s3prl"], default="manifests",
+                   help="s3prl: instead of manifests, the folders/metadata and config that s3prl's run_downstream.py "
+                   "reads (speechcommands, iemocap)")
     q.set_defaults(func=cmd_prepare)
 
     q = dsub.add_parser("download", help="download, verify (checksums) and extract a public corpus")
