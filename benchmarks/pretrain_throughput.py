@@ -28,6 +28,9 @@ included.
     git archive REV | tar -x -C /tmp/old
     python benchmarks/pretrain_throughput.py --device cpu --interleave --repeat 12 --steps 1 --batch 2 \
         --runs svqmae:plain,baseline:plain,wav2vec2:hf --baseline-src /tmp/old/src
+    # real utterances (as the duration-bucketed loader batches them: 40 s of audio per batch)
+    python benchmarks/pretrain_throughput.py --device cpu --sizes base --interleave --repeat 3 --steps 4 \
+        --data ../shared/data/speechocean762_dev/manifest.tsv --batch-seconds 40 --runs svqmae:fast,wav2vec2:hf
 """
 
 from __future__ import annotations
@@ -64,6 +67,32 @@ def synthetic_batch(batch: int, seconds: float, seed: int = 0) -> tuple[torch.Te
     return waves, lengths
 
 
+def real_batches(manifest: str, batch_seconds: float, count: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` batches of real utterances from a TSV manifest (``path``, ``seconds``), as the duration-bucketed
+    training loader forms them: utterances sorted by duration, cut into batches of at most ``batch_seconds`` of
+    audio, and ``count`` of those batches drawn at random (seeded), each zero-padded to its longest utterance."""
+    import random
+
+    from svqmae.data import read_audio
+
+    root = Path(manifest).parent
+    rows = [line.split("\t") for line in Path(manifest).read_text().splitlines()[1:] if line.strip()]
+    rows.sort(key=lambda r: float(r[1]))
+    groups, cur, total = [], [], 0.0
+    for r in rows:
+        if cur and total + float(r[1]) > batch_seconds:
+            groups.append(cur)
+            cur, total = [], 0.0
+        cur.append(r[0])
+        total += float(r[1])
+    groups.append(cur)
+    out = []
+    for group in random.Random(seed).sample(groups, min(count, len(groups))):
+        xs = [torch.from_numpy(read_audio(root / path, 16000)) for path in group]
+        out.append((torch.nn.utils.rnn.pad_sequence(xs, batch_first=True), torch.tensor([len(x) for x in xs])))
+    return out
+
+
 def matmul_peak(device: str, dtype: torch.dtype) -> float:
     """Measured FLOP/s of large square matmuls (the best of two sizes): the machine's practical peak."""
     best = 0.0
@@ -80,6 +109,9 @@ def matmul_peak(device: str, dtype: torch.dtype) -> float:
         _sync(device)
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
     return best
+
+
+CLOCK = time.perf_counter  # --cpu-time: time.process_time (CPU-seconds of this process, all its threads)
 
 
 def _sync(device: str) -> None:
@@ -187,30 +219,38 @@ def run_one(kind: str, size: str, path: str, device: str, batches: list[int], se
 
 
 def run_interleaved(runs: list[tuple[str, str]], size: str, device: str, batch: int, seconds: float, steps: int,
-                    warmup: int, bf16: bool, repeat: int, baseline: str | None, queue) -> None:
+                    warmup: int, bf16: bool, repeat: int, baseline: str | None, data: tuple | None, cpu_time: bool,
+                    queue) -> None:
     """Every (kind, path) in one process, timed round-robin: ``repeat`` rounds of ``steps`` steps of each (the
     order reversed every other round), the median round kept. On a shared machine other jobs then slow every
-    model alike, so their ratios hold. (Peak memory is the process's, not per model: not reported.)"""
+    model alike, so their ratios hold. (Peak memory is the process's, not per model: not reported.)
+    ``data`` = (manifest, batch seconds): each round's steps go through ``steps`` batches of its real utterances
+    (:func:`real_batches`) instead of one synthetic batch."""
+    global CLOCK
+    if cpu_time:
+        CLOCK = time.process_time
     if baseline:
         load_baseline(baseline)
     torch.manual_seed(0)
     built = [(kind, path, *build(kind, size, device, path)) for kind, path in runs]
-    waves, lengths = synthetic_batch(batch, seconds)
-    waves = waves.to(device)
+    batches = real_batches(data[0], data[1], steps) if data else [synthetic_batch(batch, seconds)] * steps
+    batches = [(w.to(device), L) for w, L in batches]
+    audio = sum(float(L.sum()) for _, L in batches) / 16000  # per round
     for _, _, _, step, _ in built:
         for i in range(warmup):
-            step(waves, lengths, torch.Generator().manual_seed(i), bf16)
+            step(*batches[i % len(batches)], torch.Generator().manual_seed(i), bf16)
     rounds = [[] for _ in built]
     for r in range(repeat):
         order = list(range(len(built)))
         for j in order if r % 2 == 0 else order[::-1]:
             step = built[j][3]
             _sync(device)
-            t0 = time.perf_counter()
-            for i in range(steps):
+            t0 = CLOCK()
+            for i, (waves, lengths) in enumerate(batches):
                 step(waves, lengths, torch.Generator().manual_seed(warmup + r * steps + i), bf16)
             _sync(device)
-            rounds[j].append(time.perf_counter() - t0)
+            rounds[j].append(CLOCK() - t0)
+    waves, lengths = batches[0]
     for (kind, path, model, step, formula), times in zip(built, rounds):
         dt = statistics.median(times)
         if formula is None:
@@ -218,13 +258,13 @@ def run_interleaved(runs: list[tuple[str, str]], size: str, device: str, batch: 
 
             with FlopCounterMode(display=False) as fc:
                 step(waves, lengths, torch.Generator().manual_seed(10_000), bf16)
-            flops = fc.get_total_flops()
+            flops = fc.get_total_flops() * len(batches)
         else:
-            flops = formula(lengths)
-        queue.put(dict(model=kind, size=size, path=path, batch=batch, audio_s_per_s=float(lengths.sum()) / 16000 * steps / dt,
-                       step_s=dt / steps, fastest_step_s=min(times) / steps, warmup_s=None, flops_per_step=flops,
-                       counted_flops_per_step=None,
-                       flops_per_s=flops * steps / dt, peak_mem_gb=float("nan"),
+            flops = sum(formula(L) for _, L in batches)
+        batch = f"{len(batches)} real batches of <= {data[1]:g} s" if data else batch
+        queue.put(dict(model=kind, size=size, path=path, batch=batch, audio_s_per_s=audio / dt,
+                       step_s=dt / len(batches), fastest_step_s=min(times) / len(batches), warmup_s=None,
+                       flops_per_step=flops / len(batches), counted_flops_per_step=None, flops_per_s=flops / dt, peak_mem_gb=float("nan"),
                        params_m=sum(p.numel() for p in model.parameters()) / 1e6))
     queue.put(None)
 
@@ -296,6 +336,11 @@ def main() -> None:
                     "(--repeat rounds, median; the first batch size only): robust ratios on a machine other jobs share")
     ap.add_argument("--baseline-src", help="another version's src/ folder: adds its SVQ-MAE (plain path) as the "
                     "model 'baseline' (use with --runs ...,baseline:plain)")
+    ap.add_argument("--data", metavar="MANIFEST", help="with --interleave: real utterances from this TSV manifest "
+                    "(path, seconds), --steps batches of them formed as the duration-bucketed loader does")
+    ap.add_argument("--batch-seconds", type=float, default=40.0, help="with --data: audio seconds per batch")
+    ap.add_argument("--cpu-time", action="store_true", help="with --interleave on a CPU: time in CPU-seconds of the "
+                    "process (robust to other jobs on a shared machine; rates are then audio-seconds per CPU-second)")
     ap.add_argument("--json", help="write the results here too")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table per model")
     args = ap.parse_args()
@@ -313,7 +358,8 @@ def main() -> None:
         if args.interleave:
             jobs.append((size, "all", "interleaved", run_interleaved,
                          (runs, size, args.device, int(args.batch.split(",")[0]), args.seconds, args.steps, args.warmup,
-                          bf16, args.repeat, args.baseline_src)))
+                          bf16, args.repeat, args.baseline_src,
+                          (args.data, args.batch_seconds) if args.data else None, args.cpu_time)))
             continue
         for kind, path in runs:
             spec = (args.w2v_batch or args.batch) if kind == "wav2vec2" else args.batch
@@ -348,9 +394,10 @@ def main() -> None:
             rows.append(max(results, key=lambda r: r["audio_s_per_s"]) | {"tried": [r["batch"] for r in results]})
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
     print(f"\nmachine: {dev}; matmul peak {peak / 1e12:.2f} TFLOP/s ({'bf16' if bf16 else 'fp32'}); "
-          f"utterances of {args.seconds:.0f} s (half padded to 80%), batch sizes tried {args.batch} "
+          f"{f'real utterances of {args.data}' if args.data else f'utterances of {args.seconds:.0f} s (half padded to 80%)'}, batch sizes tried {args.batch} "
           f"(wav2vec 2.0: {args.w2v_batch or args.batch}), {'the median' if args.interleave else 'the fastest'} of "
-          f"{args.repeat} x {args.steps} timed steps{' (interleaved)' if args.interleave else ''}\n")
+          f"{args.repeat} x {args.steps} timed steps{' (interleaved)' if args.interleave else ''}"
+          f"{'; times in CPU-seconds' if args.cpu_time else ''}\n")
     print("| size | model | path | batch | audio-s / s | vs wav2vec 2.0 | step (s) | peak mem (GiB) | "
           "model GFLOP / step | MFU | counted GFLOP / step |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

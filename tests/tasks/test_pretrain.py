@@ -179,6 +179,20 @@ def test_backward_oom_is_retried_and_the_learned_quantizer_updates_once_per_step
     assert len(stats) > STEPS  # ... although the retries computed statistics again
 
 
+def test_with_gradient_accumulation_the_learned_quantizer_updates_once_per_optimizer_step(tmp_path, monkeypatch):
+    from svqmae.model.quantizer import Quantizer
+
+    applied, stats = [], []
+    original_apply, original_stats = Quantizer.apply_update, Quantizer.update_stats
+    monkeypatch.setattr(Quantizer, "apply_update", lambda self, s, skip=False: (applied.append(1), original_apply(self, s, skip)))
+    monkeypatch.setattr(Quantizer, "update_stats", lambda self, *a, **k: (stats.append(1), original_stats(self, *a, **k))[1])
+    data = write_audio(tmp_path / "audio")
+    pretrain([str(data)], tmp_path / "acc", tiny_cfg("model.quantizer.kind=learned", "train.accumulate=3",
+                                                     "train.max_steps=4", "train.val_every=100"))
+    assert len(applied) == 4  # one EMA step per optimizer step ...
+    assert len(stats) == 3 * 4  # ... from the statistics of its 3 micro-batches
+
+
 def test_a_time_budget_decays_the_learning_rate_over_the_minutes_and_a_resume_continues_its_clock(tmp_path, monkeypatch,
                                                                                                  capfd):
     from svqmae.engine.schedules import TrainClock

@@ -157,8 +157,9 @@ class _AutoImportHook(importlib.abc.MetaPathFinder):
         if fullname not in TRIGGERS:
             _retry()
             return None
-        for finder in list(sys.meta_path):
-            find = getattr(finder, "find_spec", None) if finder is not self else None
+        for finder in list(sys.meta_path):  # the others (this hook of another svqmae copy too: no recursion)
+            own = finder is self or type(finder).__name__ == type(self).__name__
+            find = None if own else getattr(finder, "find_spec", None)
             spec = find(fullname, path, target) if find is not None else None
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
