@@ -126,6 +126,7 @@ def _anchor(path: str) -> str:
 class Key:
     key: str  # "train.max_steps"
     type: str  # the annotation as written
+    range: str  # the range a numeric field declares (``config.ranged``), else ""
     help: str
     defaults: dict[str, object]  # preset -> value
 
@@ -176,6 +177,7 @@ def config_keys(finetune: bool = False) -> list[Key]:
     resolved = {p: (C.resolve_finetune(p) if finetune else C.resolve(p)) for p in PRESET_ORDER}
     helps: dict[type, dict[str, str]] = {}
     types: dict[type, dict[str, str]] = {}
+    ranges: dict[type, dict[str, str]] = {}
     keys: dict[str, Key] = {}
     for preset, cfg in resolved.items():
         for key, cls, name, value in _leaves(cfg):
@@ -183,7 +185,8 @@ def config_keys(finetune: bool = False) -> list[Key]:
                 continue
             if cls not in helps:
                 helps[cls], types[cls] = field_comments(cls), _annotations(cls)
-            k = keys.setdefault(key, Key(key, types[cls][name], helps[cls][name], {}))
+                ranges[cls] = {f.name: f.metadata.get("range", "") for f in dataclasses.fields(cls)}
+            k = keys.setdefault(key, Key(key, types[cls][name], ranges[cls][name], helps[cls][name], {}))
             k.defaults[preset] = value
     return list(keys.values())
 
@@ -195,12 +198,14 @@ def _value(v: object) -> str:
 
 
 def _key_table(keys: list[Key]) -> list[str]:
-    rows = ["| key | type | " + " | ".join(PRESET_ORDER) + " | help |", "|---|---|" + "---|" * len(PRESET_ORDER) + "---|"]
+    rows = ["| key | type | range | " + " | ".join(PRESET_ORDER) + " | help |",
+            "|---|---|---|" + "---|" * len(PRESET_ORDER) + "---|"]
     for k in keys:
         values = [_value(k.defaults[p]) for p in PRESET_ORDER]
         if len(set(values)) == 1:  # one default for every preset: say it once
             values = [values[0]] + ["″"] * (len(values) - 1)
-        rows.append(f"| `{k.key}` | `{k.type}` | " + " | ".join(values) + f" | {_cell(k.help)} |")
+        rng = f"`{k.range}`" if k.range and k.range != "any" else ""
+        rows.append(f"| `{k.key}` | `{k.type}` | {rng} | " + " | ".join(values) + f" | {_cell(k.help)} |")
     return rows
 
 
@@ -209,8 +214,8 @@ def config_markdown() -> str:
     ft = [k for k in config_keys(finetune=True) if not k.key.startswith("model.")]
     lines = ["# Configuration reference", "",
              "Generated from the dataclasses of `svqmae.config` (the single source of defaults) when the documentation "
-             "is built: each key, its type, its default under each preset and its help text (the comments beside "
-             "the field in the source). Set any key with `--set KEY=VALUE` or in a YAML file given with `--config` "
+             "is built: each key, its type, the range of values it accepts, its default under each preset and its help "
+             "text (the comments beside the field in the source). Set any key with `--set KEY=VALUE` or in a YAML file given with `--config` "
              "(see [Configuration](../guides/configuration.md)). ″ = the same as the first column.", "",
              "## Pre-training (`svqmae pretrain`, `svqmae demo`)", "",
              "Presets: `--preset tiny | small | base` (default `base`).", ""]
