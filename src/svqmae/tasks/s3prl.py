@@ -14,9 +14,11 @@ s3prl's contract (``s3prl/upstream/<name>/expert.py`` and ``hubconf.py``):
 - ``get_downsample_rates(key) -> int``: input samples per output frame (640 for 25 Hz tokens);
 - every public callable of ``hubconf.py`` is an upstream name for ``run_downstream.py -u NAME``.
 
-``svqmae s3prl-install S3PRL_DIR`` writes ``s3prl/upstream/svqmae/{__init__,expert,hubconf}.py``
-into an s3prl checkout (thin files that import from this module) and registers them in
-``s3prl/hub.py``; then ``run_downstream.py -u svqmae_local -k MODEL`` works.
+``svqmae s3prl-install [S3PRL_DIR]`` writes ``s3prl/upstream/svqmae/{__init__,expert,hubconf}.py``
+into an s3prl checkout or the installed s3prl package (thin files that import from this module),
+registers them in ``s3prl/hub.py`` and makes :func:`patch_s3prl` its first line (s3prl 0.4.18 on
+torchaudio >= 2.9 and torch >= 2.6); then ``run_downstream.py -u svqmae_local -k MODEL`` works
+(docs/s3prl.md).
 """
 
 from __future__ import annotations
