@@ -37,6 +37,7 @@ PRESET_ORDER = ("tiny", "small", "base")
 class Flag:
     names: str  # "--max-steps" or the positional's name
     help: str
+    key: str  # the configuration key the flag sets (``svqmae.engine.args.ENGINE_FLAGS``), else ""
     default: str  # as shown: "" when there is none
     choices: str
     repeatable: bool
@@ -58,6 +59,9 @@ def _default(a: argparse.Action) -> str:
 
 
 def _walk(parser: argparse.ArgumentParser, path: list[str], helps: dict[str, str], out: list[Command]) -> None:
+    from svqmae.engine.args import ENGINE_FLAGS
+
+    keys = dict(ENGINE_FLAGS)
     flags, subs = [], []
     for a in parser._actions:
         if isinstance(a, argparse._HelpAction):
@@ -68,7 +72,7 @@ def _walk(parser: argparse.ArgumentParser, path: list[str], helps: dict[str, str
             subs.extend(a.choices.items())
             continue
         text = parser._get_formatter()._expand_help(a) if a.help else ""  # %(default)s, %%
-        flags.append(Flag(names=", ".join(a.option_strings) or a.dest, help=text.strip(),
+        flags.append(Flag(names=", ".join(a.option_strings) or a.dest, help=text.strip(), key=keys.get(a.dest, ""),
                           default=_default(a), choices=", ".join(map(str, a.choices)) if a.choices else "",
                           repeatable=isinstance(a, argparse._AppendAction) or "repeatable" in (a.help or "")))
     if path:
@@ -108,9 +112,8 @@ def cli_markdown() -> str:
         if c.flags:
             lines += ["| argument | help | default |", "|---|---|---|"]
             for f in c.flags:
-                extra = f" (choices: {f.choices})" if f.choices else ""
-                extra = extra.lstrip() if not f.help else extra
-                lines.append(f"| `{f.names}` | {_cell(f.help)}{_cell(extra)} | "
+                parts = [f.help, f"(choices: {f.choices})" if f.choices else "", f"(sets `{f.key}`)" if f.key else ""]
+                lines.append(f"| `{f.names}` | {_cell(' '.join(p for p in parts if p))} | "
                              f"{'`' + _cell(f.default) + '`' if f.default else ''} |")
     return "\n".join(lines) + "\n"
 
