@@ -17,7 +17,7 @@ from lhotse.dataset import DynamicBucketingSampler, DynamicCutSampler
 
 from ..config import TrainConfig
 from .audio import AudioError, resample
-from .common import cut_path, heldout_from_head, stable_hash
+from .common import DataError, cut_path, heldout_from_head, stable_hash
 from .sources import read_span
 
 
@@ -31,6 +31,22 @@ def split_heldout(cuts: CutSet, n: int) -> tuple[CutSet, CutSet]:
     ranked = sorted(cuts, key=lambda c: stable_hash(c.id))
     held = {c.id for c in ranked[: min(n, max(len(ranked) - 1, 0))]}
     return cuts.filter(lambda c: c.id not in held).to_eager(), cuts.filter(lambda c: c.id in held).to_eager()
+
+
+MIN_TRAIN_CUTS = 4  # duration bucketing: two buckets of two utterances
+
+
+def check_heldout_size(n: int, val_items: int, where: str) -> None:
+    """A ``DataError`` in one line, with the number needed, unless ``n`` utterances hold the held-out slice
+    of ``val_items`` and at least :data:`MIN_TRAIN_CUTS` to train on (otherwise the slice would take
+    almost everything and the training stream be one repeated batch)."""
+    need = val_items + MIN_TRAIN_CUTS
+    if n >= need:
+        return
+    hint = (f"add audio, or hold out fewer (e.g. --set train.val_items={n - MIN_TRAIN_CUTS})"
+            if n > MIN_TRAIN_CUTS else "add audio")
+    raise DataError(f"{where}: {n} usable utterance(s); the held-out slice (train.val_items={val_items}) and "
+                    f"duration bucketing ({MIN_TRAIN_CUTS} to train on) need at least {need}: {hint}")
 
 
 def _not_in(ids: frozenset, cut) -> bool:
@@ -166,6 +182,19 @@ def _crop_view(cut, max_seconds: float):
     return short
 
 
+def shuffled_sampler(cuts: CutSet, max_duration: float, num_buckets: int, seed: int, buffer_size: int = 20000):
+    """Shuffled dynamic batches of ``cuts``: duration-bucketed in ``num_buckets`` buckets, or one bucket
+    (no bucketing) where there are fewer than 2 to make (a few utterances, ``train.num_buckets=1``):
+    lhotse's bucketing sampler needs at least 2."""
+    with warnings.catch_warnings():  # an eager CutSet is deliberate: it is already in memory
+        warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
+        if num_buckets >= 2:
+            return DynamicBucketingSampler(cuts, max_duration=max_duration, num_buckets=num_buckets, shuffle=True,
+                                           seed=seed, drop_last=False, buffer_size=buffer_size)
+        return DynamicCutSampler(cuts, max_duration=max_duration, shuffle=True, seed=seed, drop_last=False,
+                                 shuffle_buffer_size=buffer_size)
+
+
 def pretrain_loader(cuts: CutSet, max_batch_seconds: float, max_utt_seconds: float, num_buckets: int,
                     num_workers: int | str, seed: int, shuffle: bool = True,
                     start: tuple[int, int] | None = None, buffer_size: int = 20000,
@@ -178,19 +207,13 @@ def pretrain_loader(cuts: CutSet, max_batch_seconds: float, max_utt_seconds: flo
     ``speed``: random speed perturbation (see ``WaveformBatches``)."""
     dataset = WaveformBatches(max_seconds=max_utt_seconds, seed=seed, speed=speed)
     if cuts.is_lazy and shuffle:
-        sampler = DynamicBucketingSampler(cuts.map(partial(_crop_view, max_seconds=max_utt_seconds)),
-                                          max_duration=max_batch_seconds, num_buckets=max(1, num_buckets),
-                                          shuffle=True, seed=seed, drop_last=False, buffer_size=buffer_size)
+        sampler = shuffled_sampler(cuts.map(partial(_crop_view, max_seconds=max_utt_seconds)), max_batch_seconds,
+                                   num_buckets, seed, buffer_size)
         return batch_loader(dataset, sampler, num_workers, start)
     # the sampler sees cropped durations, so a batch never holds more than max_batch_seconds of audio
     cropped = CutSet.from_cuts(_crop_view(c, max_utt_seconds) for c in cuts)
     if shuffle:
-        with warnings.catch_warnings():  # an eager CutSet is deliberate: it is already in memory
-            warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
-            sampler = DynamicBucketingSampler(
-                cropped, max_duration=max_batch_seconds, num_buckets=max(1, min(num_buckets, len(cuts) // 2)),
-                shuffle=True, seed=seed, drop_last=False,
-            )
+        sampler = shuffled_sampler(cropped, max_batch_seconds, min(num_buckets, len(cuts) // 2), seed)
     else:
         sampler = DynamicCutSampler(cropped, max_duration=max_batch_seconds, shuffle=False)
     return batch_loader(dataset, sampler, num_workers, start)
@@ -235,8 +258,7 @@ def ctc_loader(cuts: CutSet, t: TrainConfig, shuffle: bool,
     whole transcript). One pass, or with ``start`` the endless training stream from that (epoch,
     batch index) (see ``EndlessBatches``)."""
     if shuffle:
-        sampler = DynamicBucketingSampler(cuts, max_duration=t.max_batch_seconds, shuffle=True, seed=t.seed,
-                                          num_buckets=max(1, min(t.num_buckets, len(cuts) // 2)), drop_last=False)
+        sampler = shuffled_sampler(cuts, t.max_batch_seconds, min(t.num_buckets, len(cuts) // 2), t.seed)
     else:
         sampler = DynamicCutSampler(cuts, max_duration=t.max_batch_seconds, shuffle=False)
     return batch_loader(CTCBatches(seed=t.seed), sampler, t.num_workers if shuffle else 0, start)

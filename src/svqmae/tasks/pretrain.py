@@ -31,7 +31,7 @@ from ..data import (
     resolve_workers,
     split_heldout,
 )
-from ..data.loader import shar_loader
+from ..data.loader import check_heldout_size, shar_loader
 from ..data.shar import is_shar, open_shars, shar_heldout
 from ..engine.args import add_config_args, add_engine_args, add_fault_injection_arg, resolve_args
 from ..engine.autobatch import resolve_batch_seconds
@@ -42,6 +42,7 @@ from ..engine.progress import log, quiet_lightning
 from ..engine.schedules import warmup_cosine
 from ..engine.speed import apply_speed, device_type
 from ..model import SVQMAE, save_model
+from .outputs import output_folder
 
 # --------------------------------------------------------------------------- lightning module
 
@@ -298,6 +299,7 @@ def training_data(sources: list[str], out: Path, t: C.TrainConfig, problems: Pro
         cuts = cuts.filter(lambda c: c.duration >= min_s).to_eager()
         if len(cuts) == 0:
             raise DataError(f"{where}: no utterance of at least {min_s} s to train on")
+        check_heldout_size(len(cuts), t.val_items, where)
         train_cuts, val_cuts = split_heldout(cuts, t.val_items)
         hours = sum(c.duration for c in train_cuts) / 3600
         log(f"data: {len(train_cuts)} utterances ({hours:.2f} h) for training, {len(val_cuts)} held out{note}")
@@ -312,16 +314,16 @@ def training_data(sources: list[str], out: Path, t: C.TrainConfig, problems: Pro
 
 def pretrain(sources: list[str], out: str | Path, cfg: C.Config) -> Path:
     """Pre-train on ``sources`` into ``out``; rerunning the same call resumes. Returns ``out/model``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out, "pretrain")
     quiet_lightning()
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     ckpt, start_step = resume_point(out, PretrainModule.CONFIG_KEY, model_differences(cfg))
-    C.save_yaml(cfg, out / "config.yaml")
 
     problems = Problems()
     module = PretrainModule(cfg, faults_record=out / "faults_fired.json")
     train_loader, val_cuts, hours, sample = training_data(sources, out, cfg.train, problems, module)
+    out.mkdir(parents=True, exist_ok=True)  # the data is read: from here on the run writes into out
+    C.save_yaml(cfg, out / "config.yaml")
     n_params = sum(p.numel() for p in module.model.encoder.parameters()) / 1e6
     log(f"model: {cfg.preset} {cfg.model.variant}, encoder {n_params:.1f}M parameters")
     if cfg.model.features.norm == "global" and ckpt is None:  # on resume they come with the checkpoint
