@@ -178,12 +178,15 @@ def main() -> None:
         steps["wav2vec 2.0 (HF)"] = json.loads((Path(w2v[3:]) / "pretrain.json").read_text())["steps"]
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs" + (
         f", {torch.cuda.get_device_name()}" if args.device == "cuda" and torch.cuda.is_available() else "")
-    budget = f"{args.minutes} min per model" if trained else "models given on the command line"
-    note = (f"Pre-training: {budget}; evaluation on {args.device} ({machine}); steps: "
-            + ", ".join(f"{k} {v}" for k, v in steps.items())
+    given_models = any(models.get(k) for k in ("SVQ-MAE", "encoder-only", "wav2vec 2.0 (HF)"))
+    budget = (f"{args.minutes} min per model" if trained
+              else "models given on the command line" if given_models else "none (baselines only)")
+    note = (f"Pre-training: {budget}; evaluation on {args.device} ({machine})"
+            + ("; steps: " + ", ".join(f"{k} {v}" for k, v in steps.items()) if steps else "")
             + f". Keyword spotting: 12 classes, speaker-disjoint halves ({ks_train.name} / {ks_test.name}); digits: "
             "fsdd, 3-fold cross-validation by speaker; emotion: emodb_dev, 5-fold by speaker. Accuracy %, 95% "
-            "bootstrap interval over test items; head learning rate chosen on dev (evaluate --lr auto).")
+            "bootstrap interval over test items; head learning rate chosen on dev (evaluate --lr auto). fbank pools "
+            "the filterbank frames by their mean (SUPERB), fbank (mean+std) by mean and standard deviation.")
     text = f"{table}\n\n{note}\n"
     print(text)
     (out / "quality.md").write_text(text)
