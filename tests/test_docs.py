@@ -59,7 +59,8 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"{self.path.relative_to(ROOT)}:{self.line}"
+        path = self.path.relative_to(ROOT) if self.path.is_relative_to(ROOT) else self.path
+        return f"{path}:{self.line}"
 
 
 def doc_blocks(path: Path) -> list[Block]:
@@ -217,6 +218,26 @@ def test_examples_run(path: Path, page_dir, one_thread):
         pytest.skip("no runnable example" if not blocks else "; ".join(sorted({b.reason for b in blocks})))
     counts = run_blocks(blocks)
     assert counts["run"] + counts["check"] > 0
+
+
+@pytest.mark.parametrize("mode,code,error", [
+    ("check", "```bash\nsvqmae pretrain --data x --out y --steps 5\n```", "does not parse"),
+    ("check", "```bash\nsvqmae finetune --model random --train a --dev b --out c \\\n    --set ctc.freez_steps=0\n```",
+     "unknown config key 'ctc.freez_steps'"),
+    ("check", "```bash\npython benchmarks/no_such_script.py --out x\n```", "does not exist"),
+    ("check", "```python\nfrom svqmae.tasks.finetune import fine_tune\n```", "has no fine_tune"),
+    ("run", "```bash\nsvqmae extract --model missing/model --data x --out y\n```", "exited with 2"),
+])
+def test_a_stale_example_fails(tmp_path, monkeypatch, mode, code, error):
+    """A renamed flag, key, script or function fails its block, whether the block runs or is only checked."""
+    page = tmp_path / "page.md"
+    marker = "<!-- check: a long run -->\n" if mode == "check" else ""
+    page.write_text(f"Text.\n\n{marker}{code}\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    blocks = doc_blocks(page)
+    assert [b.mode for b in blocks] == [mode]
+    with pytest.raises((AssertionError, C.ConfigError, pytest.fail.Exception), match=error):
+        run_blocks(blocks)
 
 
 def test_markers_are_understood():
