@@ -43,13 +43,13 @@ part() {
 
 if [ $DRY -eq 1 ]; then
   DEVICE=cpu; SIZES="tiny"; BATCH="2"; W2V_BATCH="1"; SECONDS_PER_UTT=3; STEPS=2; WARMUP=1
-  T_TINY=420; T_BASE=1; PRE_MIN=0.4; PRE_T=300; AUTO_T=300; AUTO_PRESET=tiny
+  T_TINY=420; T_BASE=1; PRE_MIN=5; PRE_STEPS=6; PRE_T=300; AUTO_T=300; AUTO_PRESET=tiny
   PRE_SET=(--set train.max_batch_seconds=16 --set train.max_utt_seconds=4 --set train.val_every=20
            --set train.num_workers=0 --set train.log_every=1)
 else
   DEVICE=cuda; SIZES="tiny base"; BATCH_tiny="256,1024"; BATCH_base="256,512"; W2V_BATCH="16,64"
   SECONDS_PER_UTT=15; STEPS=8; WARMUP=3
-  T_TINY=120; T_BASE=150; PRE_MIN=2; PRE_T=170; AUTO_T=170; AUTO_PRESET=base
+  T_TINY=120; T_BASE=150; PRE_MIN=2; PRE_STEPS=5000; PRE_T=170; AUTO_T=170; AUTO_PRESET=base
   PRE_SET=(--set train.max_batch_seconds=240 --set train.val_every=200 --set train.num_workers=6)
 fi
 
@@ -69,7 +69,7 @@ done
 # 2. pre-training, speed paths on (this device's defaults) and off, side by side; the automatic batch search
 DATA=()
 while IFS= read -r d; do DATA+=(--data "$d"); done < <("$PYTHON" benchmarks/gpu_check.py data "$OUTDIR" 2>>"$OUTDIR/data.log")
-COMMON=(-m svqmae.cli pretrain "${DATA[@]}" --preset tiny --max-minutes $PRE_MIN --max-steps 5000
+COMMON=(-m svqmae.cli pretrain "${DATA[@]}" --preset tiny --max-minutes $PRE_MIN --max-steps $PRE_STEPS
         --set train.time_schedule=false --set train.warmup_steps=100 --set train.ckpt_every_minutes=0
         --set train.ckpt_every_steps=100000 "${PRE_SET[@]}")
 OFF=(--set train.torch_compile=off --set train.pack=off --set train.fused_adamw=off --set train.shape_bucket=1)
@@ -85,3 +85,8 @@ wait
 part summary 60 "$PYTHON" benchmarks/gpu_check.py summary "$OUTDIR"
 cat "$OUTDIR/summary.md" 2>/dev/null || { echo "no summary (see $OUTDIR/summary.log)"; cat "$OUTDIR/status.tsv"; }
 echo "gpu_check: $(( $(date +%s) - T_START )) s; results in $OUTDIR" >&2
+# a dry run checks that every part works: any part that failed fails it (on a GPU, the summary says what failed)
+if [ $DRY -eq 1 ] && awk -F'\t' '$2 != "0" {bad=1} END {exit !bad}' "$OUTDIR/status.tsv"; then
+  echo "gpu_check --dry-run: a part failed (status.tsv above)" >&2
+  exit 1
+fi
