@@ -275,6 +275,8 @@ class LazyManifestCuts:
                         continue
                 start, end = _row_segment(row, where, None if rec is None else rec.duration)
                 if end - start <= 0:
+                    self.problems.add(str(self.path.parent / rel), f"{where}: segment {start:g}-{end:g} s of "
+                                                                   f"{self.path.parent / rel} is empty")
                     continue
                 cut_id = rel if rel not in used else f"{rel}#{i + 2}"
                 used.add(cut_id)
@@ -397,6 +399,7 @@ def load_source(src: str | Path, problems: Problems | None = None, cache: Path |
     p = Path(src)
     strict = problems is None
     problems = problems if problems is not None else Problems()
+    known = len(problems)
     if is_shar(src):
         cuts = read_shar(src, problems)
     elif not p.exists():
@@ -415,8 +418,14 @@ def load_source(src: str | Path, problems: Problems | None = None, cache: Path |
     if strict and len(problems):
         raise DataError(problems.items[0][1])
     if not cuts.is_lazy and len(cuts) == 0:
-        raise DataError(f"{p}: no usable audio")
+        mine = problems.items[known:]
+        why = f" ({len(mine)} unreadable file(s), e.g. {mine[0][1]})" if mine else ""
+        raise NoUsableAudio(f"{p}: no usable audio{why}")
     return cuts if cuts.is_lazy else drop_repeats(cuts, str(p), problems)
+
+
+class NoUsableAudio(DataError):
+    """A source read whole in which no file could be used (the files' problems are recorded)."""
 
 
 def _audio_key(cut) -> tuple[str, float, float]:
@@ -608,7 +617,7 @@ def check_source(src: str | Path, decode: bool = True, min_seconds: float = 0.5,
     problems = Problems()
     try:
         cuts = load_source(src, problems)
-    except DataError:
+    except NoUsableAudio:
         if not len(problems):
             raise
         cuts = CutSet.from_cuts([])  # every file was a problem: report them
@@ -628,6 +637,10 @@ def check_source(src: str | Path, decode: bool = True, min_seconds: float = 0.5,
     for cut in cuts:
         info = infos.get(cut_path(cut))
         if info is None:
+            continue
+        if cut.end - info.duration > length_tolerance(cut.end):  # a manifest's length, never checked before
+            problems.add(cut_path(cut), f"{cut_path(cut)}: holds {info.duration:.2f} s of audio but its manifest "
+                                        f"says {cut.end:.2f} s (a truncated file, or a wrong manifest)")
             continue
         f = cut_fields(cut)
         rep.durations.append(cut.duration)

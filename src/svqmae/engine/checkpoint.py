@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from ..model.io import CheckpointError, atomic_write_bytes
+from ..model.io import CheckpointError, atomic_write_bytes, one_line
 from .progress import log, rank
 
 
@@ -137,7 +137,7 @@ def load_checkpoint(path: str | Path, map_location=None) -> dict:
     try:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0][:160]})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint ({one_line(e)})") from None
 
 
 def latest_checkpoint(out: str | Path, pattern: str = "step*.ckpt") -> Path | None:

@@ -80,6 +80,18 @@ def _model_card(cfg: C.Config, card: dict, figures: list[str] = ()) -> str:
     return "\n".join(lines)
 
 
+def one_line(e: BaseException, limit: int = 160) -> str:
+    """An exception's message for a one-line error: its first line, cut after the last whole sentence that
+    fits in ``limit`` characters (else at a word, marked with '...'): never in the middle of a sentence."""
+    text = str(e).strip()
+    line = " ".join(text.splitlines()[0].split()) if text else e.__class__.__name__
+    if len(line) <= limit:
+        return line
+    head = line[:limit]
+    end = head.rfind(". ")
+    return head[: end + 1] if end > 0 else head.rsplit(" ", 1)[0] + " ..."
+
+
 def find_model(path: str | Path) -> Path:
     """A model folder, run DIR or checkpoint file -> the thing to load."""
     path = Path(path)
@@ -102,7 +114,7 @@ def read_checkpoint(p: str | Path) -> dict:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{p}: unreadable checkpoint ({str(e).splitlines()[0][:160]})") from None
+        raise CheckpointError(f"{p}: unreadable checkpoint ({one_line(e)})") from None
     if not isinstance(ckpt, dict) or "svqmae_config" not in ckpt:
         raise CheckpointError(f"{p}: not an svqmae checkpoint")
     return ckpt
@@ -153,6 +165,6 @@ def read_model(path: str | Path) -> SavedModel:
     try:
         state = load_file(str(where))
     except Exception as e:
-        raise CheckpointError(f"{where}: unreadable weights ({str(e)[:160]})") from None
+        raise CheckpointError(f"{where}: unreadable weights ({one_line(e)})") from None
     figures = [p / name for name in meta.get("figures", []) if (p / name).is_file()]
     return SavedModel(cfg, state, where, meta.get("card", {}), figures)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from .. import config as C
 from ..data.text import load_units
 from ..model.ctc import CTCModel
-from ..model.io import CheckpointError, save_model
+from ..model.io import CheckpointError, one_line, save_model
 
 CTC_FORMAT = "svqmae-ctc"
 
@@ -79,5 +79,5 @@ def load_recognizer(path: str | Path, device: str | torch.device = "cpu") -> Rec
         state = load_file(str(p / "model.safetensors"))
         model.load_state_dict(state)
     except Exception as e:
-        raise CheckpointError(f"{p / 'model.safetensors'}: weights do not match ctc.json ({str(e)[:160]})") from None
+        raise CheckpointError(f"{p / 'model.safetensors'}: weights do not match ctc.json ({one_line(e)})") from None
     return Recognizer(model.to(device).eval(), units, cfg, p)
