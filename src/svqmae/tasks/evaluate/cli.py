@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ...config import ConfigError
+from ..outputs import output_file, output_folder
 from .items import DEFAULTS, TASKS
 from .protocol import evaluate
 from .report import markdown_table
@@ -43,6 +44,12 @@ def cmd_evaluate(args) -> None:
     out = Path(args.out)
     if not single and out.suffix == ".json":
         raise ConfigError(f"{out}: several models or tasks write several reports; give a folder as --out")
+    if single and out.suffix == ".json":
+        output_file(out, "evaluate")
+    else:
+        output_folder(out, "evaluate")
+    if args.cache:
+        output_folder(args.cache, "cache", "--cache")
     if not single:
         options.setdefault("cache", str(out / "features"))
     reports = []
@@ -68,7 +75,9 @@ def add_cli(sub) -> None:
                     "a 95% bootstrap interval, plots, and a markdown table for several models or tasks.",
     )
     p.add_argument("--model", action="append", required=True, metavar="M",
-                   help="svqmae model/ or run DIR, fbank, random[:PRESET], or hf:PATH (repeatable)")
+                   help="svqmae model/ or run DIR, fbank (SUPERB's filterbank baseline, frames mean-pooled), "
+                        "fbank-stats (the same, pooled by mean and standard deviation), random[:PRESET], "
+                        "or hf:PATH (repeatable)")
     p.add_argument("--task", action="append", required=True, choices=sorted(TASKS),
                    help="classify (label column), ks, er (SUPERB settings), asr (text column) (repeatable)")
     p.add_argument("--train", action="append", required=True, metavar="SRC",
