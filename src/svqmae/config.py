@@ -242,26 +242,27 @@ def preset_batch_seconds(preset: str) -> float:
     return float(PRESETS.get(preset, {}).get("train", {}).get("max_batch_seconds", TrainConfig.max_batch_seconds))
 
 
-def _set_path(cfg: Any, dotted: str, value: Any, source: str) -> None:
+def _set_path(cfg: Any, dotted: str, value: Any, source: str, prefix: str = "") -> None:
+    """Set ``dotted`` (below the section ``prefix``, which messages name) to ``value``."""
     parts = dotted.split(".")
     node = cfg
     for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(node) or not hasattr(node, part):
             where = ".".join(parts[: i + 1])
-            raise ConfigError(f"{source}: unknown config key '{where}'")
+            raise ConfigError(f"{source}: unknown config key '{prefix}{where}'")
         if i == len(parts) - 1:
             current = getattr(node, part)
             if dataclasses.is_dataclass(current):
                 if not isinstance(value, dict):
-                    raise ConfigError(f"{source}: '{dotted}' is a section; give a mapping")
+                    raise ConfigError(f"{source}: '{prefix}{dotted}' is a section; give a mapping")
                 for k, v in value.items():
-                    _set_path(current, k, v, source)
+                    _set_path(current, str(k), v, source, f"{prefix}{dotted}.")
             else:
                 numeric = getattr(node, "AUTO", {}).get(part)  # a number or "auto"
                 if numeric is not None and value == "auto":
                     setattr(node, part, "auto")
                 else:
-                    setattr(node, part, _coerce(numeric() if numeric else current, value, dotted, source))
+                    setattr(node, part, _coerce(numeric() if numeric else current, value, prefix + dotted, source))
         else:
             node = getattr(node, part)
 
