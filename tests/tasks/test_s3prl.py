@@ -97,10 +97,12 @@ def _s3prl_runner_features(up, wavs):
 
 
 def test_rows_are_the_same_alone_and_in_a_batch_under_s3prls_length_rules(model_dir):
-    """41,280 samples = 64.5 hops: s3prl counts 65 frames where svqmae's frame rule gives 64 tokens; in a
-    batch beside a longer utterance the 65th row must not be padding (it was: up to 11 apart)."""
+    """41,280 samples = 64.5 hops: S3PRLUpstream counts 65 frames where svqmae's frame rule gives 64 tokens;
+    in a batch beside a longer utterance the 65th row must not be padding (it was: up to 11 apart).
+    54,880 = 85.75 hops: the runner's Featurizer keeps round() = 86 frames of svqmae's 85 tokens; beside
+    the longer 60,000 it got a padding row that it did not get alone."""
     up = UpstreamExpert(str(model_dir))
-    lengths = (41280, 54880, 11111)
+    lengths = (41280, 54880, 11111, 60000)
     wavs = [torch.from_numpy(harmonic_tone(n / 16000, f0=110 + 50 * i, seed=7 + i)) for i, n in enumerate(lengths)]
     with torch.no_grad():
         batched = _s3prl_upstream(up, wavs)
