@@ -104,9 +104,10 @@ def patch_s3prl() -> None:
     s3prl import of torchaudio's removed parts. Idempotent. It changes only what is missing:
 
     - ``torchaudio.set_audio_backend`` (gone since torchaudio 2.9; s3prl calls it at import): a no-op;
-    - ``torchaudio.sox_effects`` (gone since 2.9; Speech Commands, VoxCeleb, MOS and QUESST read
-      their audio through ``apply_effects_file``): the effects those recipes use (``channels 1``,
-      ``rate``, ``gain``, ``norm``) on soundfile and soxr, no libsox needed; others are a clear error;
+    - ``torchaudio.sox_effects`` (gone since 2.9; Speech Commands, MOS, QUESST and VoxCeleb read
+      their audio through ``apply_effects_file``): ``channels 1``, ``rate``, ``gain`` and ``norm`` on
+      soundfile and soxr, no libsox needed (all the first three ask for); others, such as the
+      ``silence`` of s3prl's speaker-verification recipe, are a clear error;
     - ``torchaudio.load`` when ``torchcodec`` (its decoder since 2.9) is not installed: soundfile;
     - ``torch.load`` of s3prl's own checkpoints (they hold an ``argparse.Namespace``, refused by
       the weights-only loading that torch >= 2.6 does by default): ``Namespace`` is allowed.
