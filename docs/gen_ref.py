@@ -336,3 +336,8 @@ def on_files(files, config):
     for path, make in GENERATED.items():
         files.append(File.generated(config, path, content=make()))
     return files
+
+
+def on_page_content(html, page, config, files):
+    """mkdocs hook: docstrings' Sphinx roles (``:func:`x```, ``:class:`~a.b.C```) shown as plain code."""
+    return re.sub(r":(?:func|meth|class|mod|attr|data):<code>~?([^<]*)</code>", r"<code>\1</code>", html)
