@@ -13,6 +13,7 @@ weights as an uninterrupted one (CPU, ``num_workers`` any).
 
 from __future__ import annotations
 
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -321,7 +322,13 @@ def pretrain(sources: list[str], out: str | Path, cfg: C.Config) -> Path:
 
     problems = Problems()
     module = PretrainModule(cfg, faults_record=out / "faults_fired.json")
-    train_loader, val_cuts, hours, sample = training_data(sources, out, cfg.train, problems, module)
+    fresh = not out.exists()
+    try:
+        train_loader, val_cuts, hours, sample = training_data(sources, out, cfg.train, problems, module)
+    except DataError:
+        if fresh:  # a run refused for its data leaves nothing behind, not even the probe cache
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     out.mkdir(parents=True, exist_ok=True)  # the data is read: from here on the run writes into out
     C.save_yaml(cfg, out / "config.yaml")
     n_params = sum(p.numel() for p in module.model.encoder.parameters()) / 1e6
