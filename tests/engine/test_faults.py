@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,4 +126,38 @@ def test_nan_on_one_rank_of_two_skips_the_step_on_both_without_deadlock(tmp_path
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = {r["step"]: r for r in recs if "loss" in r}
     assert sorted(train) == [1, 2, 3, 4] and train[1]["nonfinite_skipped"] == 0 and train[4]["nonfinite_skipped"] == 1
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_a_hung_rank_ends_the_job_within_the_timeout_naming_it_and_the_last_checkpoint_resumes(tmp_path, data,
+                                                                                              capsys):
+    from svqmae.cli import main
+    from svqmae.engine.checkpoint import latest_checkpoint, verify_checkpoint
+
+    out, timeout_minutes = tmp_path / "hung", 0.25
+    args = cli_args(data, out, "--max-steps", "4", "--devices", "2", "--set", "train.strategy=ddp",
+                    "--set", f"train.ddp_timeout_minutes={timeout_minutes}", "--set", "train.ckpt_every_steps=1",
+                    "--set", "train.keep_last=10", "--set", "train.val_every=100", "--inject-fault", "hang@3:rank1")
+    env = dict(os.environ, PYTHONPATH=str(Path(svqmae.__file__).parents[1]), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), WORLD_SIZE="2", NODE_RANK="0", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "svqmae.cli", *args], stderr=subprocess.PIPE, text=True,
+                              env=dict(env, LOCAL_RANK=str(r), RANK=str(r))) for r in (0, 1)]
+    try:
+        err = procs[0].communicate(timeout=300)[1]
+        ended = time.time()
+    finally:
+        for p in procs:  # as a launcher (torchrun, SLURM) ends the others when one rank fails
+            p.kill()
+    procs[1].communicate()
+    last = out / "checkpoints" / "step00000002.ckpt"  # written just before rank 1 stopped in step 3
+    assert procs[0].returncode == 2, err[-2000:]
+    lines = [line for line in err.splitlines() if " error: " in line]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert "rank 1 stopped responding" in lines[0] and f"train.ddp_timeout_minutes={timeout_minutes:g}" in lines[0]
+    waited = ended - last.stat().st_mtime
+    assert timeout_minutes * 60 * 0.8 < waited < timeout_minutes * 60 + 60, waited
+    assert latest_checkpoint(out) == last and verify_checkpoint(last) is None
+    # rerunning the same command (here on one process) resumes from it and finishes
+    assert main(cli_args(data, out, "--max-steps", "4", "--set", "train.ckpt_every_steps=1")) == 0
+    assert f"resuming from {last} (step 2)" in capsys.readouterr().err
     assert (out / "model" / "model.safetensors").is_file()

@@ -63,5 +63,5 @@ class InjectFaultAction(argparse.Action):
 
 def add_fault_injection_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inject-fault", action=InjectFaultAction, metavar="KIND@STEP[:rankR]", dest="inject_fault",
-                   help="testing: inject a fault (nan, oom, sigterm, sigkill) in the batch of optimizer step STEP, "
+                   help="testing: inject a fault (nan, oom, oom_backward, sigterm, sigkill, hang) in the batch of optimizer step STEP, "
                         "on rank R (default 0); repeatable; each fires once per --out")

@@ -10,7 +10,8 @@
 - :class:`RankHeartbeat` + :func:`explain_collective_failure`: a collective that times out (a hung or
   dead rank) ends the job with a message naming the rank that stopped reporting.
 - Fault injection (:func:`parse_faults`, :class:`FaultInjector`): ``KIND@STEP[:rankR]`` with KIND one
-  of ``nan``, ``oom``, ``oom_backward``, ``sigterm``, ``sigkill``; each fault fires once per run directory.
+  of ``nan``, ``oom``, ``oom_backward``, ``sigterm``, ``sigkill``, ``hang`` (the rank stops responding
+  inside the step, as a hung rank does); each fault fires once per run directory.
 
 Checkpoint files (atomic, checksummed) are :mod:`svqmae.engine.checkpoint`.
 """
@@ -311,7 +312,8 @@ def explain_collective_failure(e: BaseException, heartbeat_dir: Path, timeout_mi
 
 # --------------------------------------------------------------------------- fault injection
 
-FAULT_KINDS = ("nan", "oom", "oom_backward", "sigterm", "sigkill")
+FAULT_KINDS = ("nan", "oom", "oom_backward", "sigterm", "sigkill", "hang")
+HANG_SECONDS = 24 * 3600  # an injected hang: longer than any collective timeout; the launcher ends the process
 
 
 @dataclass(frozen=True)
@@ -374,8 +376,11 @@ class FaultInjector:
         return True
 
     def maybe_signal(self, step: int) -> None:
-        """``sigterm`` / ``sigkill`` faults: signal this process."""
+        """``sigterm`` / ``sigkill`` faults: signal this process; ``hang``: stop responding (sleep) here,
+        before the step's collectives, so that the other ranks' collectives time out."""
         if self.take("sigkill", step):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.take("sigterm", step):
             os.kill(os.getpid(), signal.SIGTERM)
+        if self.take("hang", step):
+            time.sleep(HANG_SECONDS)
