@@ -10,6 +10,7 @@ count, every bad file listed, and no traceback."""
 from __future__ import annotations
 
 import gzip
+import json
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -256,3 +257,20 @@ def test_a_broken_lhotse_file_is_one_line_naming_it(tmp_path, capsys, world, com
     assert_refused(res, name)
     before.pop(str(out), None)
     assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith(str(out))} == before
+
+
+@pytest.mark.parametrize("command", ["score", "evaluate"])
+def test_an_empty_seconds_cell_is_read_by_score_as_by_evaluate(tmp_path, capsys, world, command):
+    rows = world.spelled.read_text().splitlines()
+    cells = [r.split("\t") for r in rows[1:]]
+    root = world.spelled.parent
+    gap = tmp_path / "gap.tsv"
+    gap.write_text("path\tseconds\tspeaker\ttext\n" + "".join(
+        f"{root / p}\t{'' if i == 1 else s}\t{spk}\t{t}\n" for i, (p, s, spk, t) in enumerate(cells)))
+    argv = {"score": ["score", "--model", world.recognizer, "--data", gap, "--out", tmp_path / "s.json"],
+            "evaluate": ["evaluate", "--model", "fbank", "--task", "asr", "--train", gap, "--test", gap, "--dev", gap,
+                         "--out", tmp_path / "e.json", "--asr-epochs", "1", "--quiet"]}[command]
+    res = run_cli(capsys, *argv)
+    assert res.code == 0, res.err
+    report = json.loads((tmp_path / ("s.json" if command == "score" else "e.json")).read_text())
+    assert report.get("utterances", report.get("n_test")) == len(cells)

@@ -25,6 +25,7 @@ FOLDER_WRITERS = {  # command -> argv with OUT for the output folder
     "data shard": lambda w, out: ["data", "shard", w.audio, "--out", out, "--quiet"],
     "data synth": lambda w, out: ["data", "synth", "--out", out, "--minutes", "0.2"],
     "data prepare": lambda w, out: ["data", "prepare", "folder", w.audio, "--out", out],
+    "data download": lambda w, out: ["data", "download", "speechcommands", "--out", out],  # refused before any download
     "demo": lambda w, out: ["demo", "--out", out, "--quick"],
 }
 FILE_WRITERS = {  # command -> (argv with OUT for the output file, the file name it takes)

@@ -43,6 +43,7 @@ def _prepare_s3prl(args, opts) -> None:
 def cmd_download(args) -> None:
     from ..data.recipes import download, remove_archives
 
+    output_folder(args.out, "downloads")
     root = download(args.corpus, args.out, args.part or None, log=_log)
     if args.remove_archives:
         remove_archives(args.out)

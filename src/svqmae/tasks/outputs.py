@@ -39,6 +39,7 @@ KINDS = {
     "demo": "a demo run",
     "corpus": "the demo corpus",
     "manifests": "prepared manifests",
+    "downloads": "downloaded corpora",
     "onnx": "an ONNX graph",
     "transcripts": "transcripts",
     "score": "a score report",
