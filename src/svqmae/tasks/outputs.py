@@ -60,7 +60,10 @@ def _config_keys(path: Path) -> set[str]:
 
 def folder_kind(folder: Path) -> str | None:
     """The kind of svqmae output ``folder`` holds (see :data:`KINDS`), or None (empty, or anything else)."""
-    has = lambda name: (folder / name).exists()  # noqa: E731
+
+    def has(name: str) -> bool:
+        return (folder / name).exists()
+
     if has("corpus") and has("pretrain"):
         return "demo"
     if has("corpus.json") and has("pretrain.tsv"):
@@ -94,7 +97,7 @@ def file_kind(path: Path) -> str | None:
         return None
     if not head:
         return None
-    if head[0] == 0x08 and head[1] < 0x20:  # an ONNX ModelProto opens with its ir_version (field 1, small)
+    if len(head) > 1 and head[0] == 0x08 and head[1] < 0x20:  # an ONNX ModelProto opens with its ir_version (field 1, small)
         return "onnx"
     text = head.decode("utf-8", errors="replace")
     if text.startswith("path\tseconds\ttext\n"):
