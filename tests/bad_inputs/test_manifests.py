@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -274,3 +275,19 @@ def test_an_empty_seconds_cell_is_read_by_score_as_by_evaluate(tmp_path, capsys,
     assert res.code == 0, res.err
     report = json.loads((tmp_path / ("s.json" if command == "score" else "e.json")).read_text())
     assert report.get("utterances", report.get("n_test")) == len(cells)
+
+
+def test_a_large_manifest_read_lazily_drops_repeats_on_every_pass_and_reports_them_once(tmp_path, world, caplog,
+                                                                                      monkeypatch):
+    from svqmae.data import sources
+
+    monkeypatch.setattr(sources, "LAZY_MANIFEST_BYTES", 10)
+    rows = [f"{world.audio / f'utt{i:02d}.wav'}\t1.000" for i in (0, 1, 2, 1, 0, 1)]
+    (tmp_path / "big.tsv").write_text("path\tseconds\n" + "\n".join(rows) + "\n")
+    problems = Problems()
+    cuts = load_source(tmp_path / "big.tsv", problems)
+    assert cuts.is_lazy
+    with caplog.at_level(logging.WARNING):
+        passes = [[c.id for c in cuts] for _ in range(3)]  # three epochs
+    assert all(len(p) == 3 for p in passes) and passes[0] == passes[2]
+    assert len(problems.repeated) == 2 and caplog.text.count("repeated item(s) dropped") == 1

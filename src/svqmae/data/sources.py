@@ -250,6 +250,7 @@ class LazyManifestCuts:
 
     def __init__(self, path: Path, problems: Problems | None = None):
         self.path, self.problems = path, problems if problems is not None else Problems()
+        self.reported = False  # repeated rows: dropped on every pass, reported after the first whole one
 
     def _probed(self, rel: str, where: str) -> Recording | None:
         try:
@@ -259,6 +260,10 @@ class LazyManifestCuts:
             return None
 
     def __iter__(self):
+        yield from first_of_each(self._rows(), str(self.path), self.problems, report=not self.reported)
+        self.reported = True
+
+    def _rows(self):
         with open(self.path, encoding="utf-8-sig", newline="") as f:
             delim, header = _manifest_header(self.path, f.readline())
             used: set[str] = set()
@@ -433,27 +438,32 @@ def _audio_key(cut) -> tuple[str, float, float]:
     return os.path.normpath(os.path.abspath(cut_path(cut))), round(cut.start, 3), round(cut.duration, 3)
 
 
-def drop_repeats(cuts: CutSet, where: str, problems: Problems) -> CutSet:
-    """``cuts`` with each piece of audio once: a repeated path (or segment) would count twice in
-    training and in an evaluation's figures. Each repeat is dropped, recorded in ``problems.repeated``
-    and warned about (one line per source); evaluation and training do the same."""
+def first_of_each(cuts, where: str, problems: Problems, report: bool = True):
+    """The cuts of ``cuts`` whose audio (file or Shar member, and segment) was not met before: a
+    repeated path or segment would count twice in training and in an evaluation's figures. Once the
+    cuts are exhausted, the repeats are recorded in ``problems.repeated`` and warned about in one line
+    (with ``report``); evaluation and training do the same."""
     seen: dict[tuple, int] = {}
-    keep = []
     for cut in cuts:
         key = _audio_key(cut)
         seen[key] = seen.get(key, 0) + 1
         if seen[key] == 1:
-            keep.append(cut)
+            yield cut
     repeats = [(k, n) for k, n in seen.items() if n > 1]
-    if not repeats:
-        return cuts
+    if not repeats or not report:
+        return
     for (path, start, dur), n in repeats:
         what = path if start == 0 else f"{path} ({start:g}-{start + dur:g} s)"
         problems.repeated.append((path, f"{what}: listed {n} times in {where}; used once"))
     (path, _, _), n = repeats[0]
     log.warning("%s: %d repeated item(s) dropped, each used once (e.g. %s, listed %d times)",
                 where, sum(n - 1 for _, n in repeats), path, n)
-    return CutSet.from_cuts(keep)
+
+
+def drop_repeats(cuts: CutSet, where: str, problems: Problems) -> CutSet:
+    """``cuts`` with each piece of audio once (see :func:`first_of_each`)."""
+    keep = list(first_of_each(cuts, where, problems))
+    return cuts if len(keep) == len(cuts) else CutSet.from_cuts(keep)
 
 
 def load_sources(srcs: list[str | Path], problems: Problems, cache: Path | None = None) -> CutSet:
