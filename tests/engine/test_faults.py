@@ -129,6 +129,24 @@ def test_nan_on_one_rank_of_two_skips_the_step_on_both_without_deadlock(tmp_path
     assert (out / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("me,beats,suspect", [
+    (0, {0: (2, 100.0), 1: (2, 50.0)}, "rank 1 stopped"),  # same step: the other one, reported longest ago
+    (0, {0: (2, 50.0), 1: (2, 100.0)}, "rank 1 stopped"),  # never the rank that waited in the collective
+    (1, {0: (3, 90.0), 1: (3, 100.0), 2: (2, 95.0)}, "rank 2 stopped"),  # a step behind
+    (0, {0: (2, 100.0), 1: (2, 100.0)}, "rank 2 stopped"),  # rank 2 of 3 never reported
+])
+def test_a_failed_collective_names_the_rank_that_stopped_not_the_one_that_waited(tmp_path, monkeypatch, me, beats,
+                                                                                  suspect):
+    from svqmae.engine.faults import explain_collective_failure
+
+    for r, (step, t) in beats.items():
+        (tmp_path / f"rank{r}").write_text(json.dumps({"step": step, "time": t}))
+    monkeypatch.setenv("RANK", str(me))
+    monkeypatch.setenv("WORLD_SIZE", "3" if len(beats) == 3 or suspect == "rank 2 stopped" else "2")
+    e = explain_collective_failure(RuntimeError("Timed out waiting 15000ms for recv"), tmp_path, 0.25)
+    assert f"rank {me}: a collective operation failed or timed out" in str(e) and suspect in str(e), str(e)
+
+
 def test_a_hung_rank_ends_the_job_within_the_timeout_naming_it_and_the_last_checkpoint_resumes(tmp_path, data,
                                                                                               capsys):
     from svqmae.cli import main

@@ -294,13 +294,20 @@ def explain_collective_failure(e: BaseException, heartbeat_dir: Path, timeout_mi
             continue
     me = rank()
     detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-    if beats:
-        newest = max(b["step"] for b in beats.values())
-        behind = sorted(r for r, b in beats.items() if b["step"] < newest)
-        stale = min(beats, key=lambda r: beats[r]["time"])
-        suspect = behind or [stale]
+    # the rank saying this waited in the collective: the suspects are the others that never reported, are
+    # a step behind, or else reported last the longest ago
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else \
+        int(os.environ.get("WORLD_SIZE", 1))
+    others = {r: b for r, b in beats.items() if r != me}
+    silent = sorted(set(range(world)) - set(beats) - {me})
+    if silent or others:
+        newest = max((b["step"] for b in beats.values()), default=0)
+        behind = sorted(r for r, b in others.items() if b["step"] < newest)
+        suspect = silent or behind or [min(others, key=lambda r: others[r]["time"])]
         when = ", ".join(f"rank {r} at step {beats[r]['step']} "
-                         f"({datetime.fromtimestamp(beats[r]['time']).strftime('%H:%M:%S')})" for r in sorted(beats))
+                         f"({datetime.fromtimestamp(beats[r]['time']).strftime('%H:%M:%S')})"
+                         for r in sorted(beats)) or "none"
         who = f"rank {', '.join(map(str, suspect))} stopped responding (last reports: {when})"
     else:
         who = "another rank stopped responding"
