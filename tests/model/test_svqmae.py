@@ -186,9 +186,11 @@ def test_packed_and_bucketed_layouts_give_the_plain_path_loss_and_gradients():
     # how the step is laid out (encoder tokens packed end to end, token counts padded to a bucket) changes
     # no mask and no result: the same loss, and gradients within 1e-5 of the largest (fp32, CPU)
     waves, lengths = batch()
-    for variant in ("svqmae", "encoder_only"):
+    for variant, level in (("svqmae", False), ("encoder_only", False), ("svqmae", True)):
         torch.manual_seed(0)
-        model = SVQMAE(tiny_cfg(f"model.variant={variant}", "model.recon_weight=0.1").model)
+        model = SVQMAE(tiny_cfg(f"model.variant={variant}", "model.recon_weight=0.1", f"model.features.level={level}").model)
+        if level:
+            torch.nn.init.normal_(model.level_embed.weight, std=0.05)  # each token's own utterance's level matters
         ref, gref = _step(model, waves, lengths)
         for pack, bucket in ((True, 1), (False, 8), (True, 16)):
             model.pack, model.shape_bucket = pack, bucket
