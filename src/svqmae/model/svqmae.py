@@ -189,8 +189,8 @@ class SVQMAE(nn.Module):
     def forward_encoder(self, tokens, mask, tok_len, level=None, n_vis: list[int] | None = None):
         """Encoder on the visible tokens only, positioned by their original indices.
 
-        tokens: (B, T, C); level: (B, 2F) or None (see :meth:`embed_tokens`); n_vis: visible tokens per utterance, known on the host (None: counted on the
-        device, which waits for it). Returns latent (B, V, D), or with ``self.pack`` the visible tokens of
+        tokens: (B, T, C); level: (B, 2F) or None (see :meth:`embed_tokens`); n_vis: visible tokens per
+        utterance, known on the host (None: counted on the device, which waits for it). Returns latent (B, V, D), or with ``self.pack`` the visible tokens of
         the whole batch end to end, (1, P, D); and slot, of the same (rows, L) shape: where each latent
         row goes in the decoder's (B, T + 1) grid, flattened (padding -> a row's sink slot t = T)."""
         B, T, C = tokens.shape
