@@ -156,3 +156,15 @@ def test_data_shard_again_continues_its_own_folder(tmp_path, capsys, world):
         res = run_cli(capsys, "data", "shard", world.audio, "--out", out, "--quiet")
         assert res.code == 0, res.err
     assert (out / "shar_index.json").is_file()
+
+
+def test_evaluate_again_into_its_own_folder_leaves_no_plot_of_the_earlier_task(tmp_path, capsys, world):
+    out = tmp_path / "ev"
+    res = run_cli(capsys, "evaluate", "--model", "fbank", "--task", "classify", "--train", world.labelled,
+                  "--test", world.labelled, "--out", out, "--quiet", "--epochs", "2")
+    assert res.code == 0, res.err
+    assert (out / "report_confusion.png").is_file()
+    res = run_cli(capsys, "evaluate", "--model", "fbank", "--task", "asr", "--train", world.spelled, "--test",
+                  world.spelled, "--dev", world.spelled, "--out", out, "--quiet", "--asr-epochs", "1")
+    assert res.code == 0, res.err
+    assert (out / "report_layers.png").is_file() and not (out / "report_confusion.png").exists()

@@ -77,6 +77,8 @@ def plot_report(report: dict, json_path: Path) -> dict:
         files["confusion_png"] = str(json_path.with_name(f"{json_path.stem}_confusion.png"))
         fig.savefig(files["confusion_png"], dpi=100)
         plt.close(fig)
+    else:  # an earlier classification report's, rerun into the same place: stale beside this one
+        json_path.with_name(f"{json_path.stem}_confusion.png").unlink(missing_ok=True)
     return files
 
 
