@@ -429,6 +429,8 @@ def validate(cfg: Config, source: str) -> None:
         need(tc.dim % tc.heads == 0, f"model.{name}.dim ({tc.dim}) must be divisible by heads ({tc.heads})")
         need((tc.dim // tc.heads) % 2 == 0, f"model.{name}: head size must be even (rotary embeddings)")
     need(t.precision in ("auto", "bf16", "32"), f"train.precision must be auto, bf16 or 32, got {t.precision!r}")
+    need(re.fullmatch(r"auto|-1|[1-9]\d*|\d+,(\d+,?)*", str(t.devices)) is not None,
+         f"train.devices must be auto, a device count >= 1, -1 (all) or device indices such as 0,1; got {t.devices!r}")
     need(t.accumulate >= 1, "train.accumulate must be >= 1")
     need(0.0 <= t.speed_perturb < 1.0, f"train.speed_perturb must be in [0, 1), got {t.speed_perturb}")
     need(t.max_batch_seconds == "auto" or t.max_batch_seconds >= t.max_utt_seconds,

@@ -128,3 +128,47 @@ def test_every_numeric_key_has_an_out_of_range_case():
     keys = {k for k, *_ in PRETRAIN_KEYS} | {k for k, *_ in FINETUNE_KEYS}
     assert {"train.lr", "train.betas", "model.mask.ratio", "ctc.layer_decay", "specaug.time_mask_prob"} <= keys
     assert len(keys) >= 60  # every numeric field of both trees but the int seeds (any int is valid)
+
+
+FLAGS = [  # a command's own numeric flags (no config field): (argv before the flag, flag, a bad value)
+    (["extract", "--model", "M", "--data", "D", "--out", "O"], "--batch-seconds", "0"),
+    (["extract", "--model", "M", "--data", "D", "--out", "O"], "--batch-seconds", "-5"),
+    (["extract", "--model", "M", "--data", "D", "--out", "O"], "--workers", "-1"),
+    (["evaluate", "--model", "fbank", "--task", "ks", "--train", "D"], "--epochs", "0"),
+    (["evaluate", "--model", "fbank", "--task", "asr", "--train", "D"], "--asr-epochs", "0"),
+    (["evaluate", "--model", "fbank", "--task", "asr", "--train", "D"], "--asr-hidden", "0"),
+    (["evaluate", "--model", "fbank", "--task", "ks", "--train", "D"], "--batch-size", "0"),
+    (["evaluate", "--model", "fbank", "--task", "ks", "--train", "D"], "--dev-fraction", "1.5"),
+    (["evaluate", "--model", "fbank", "--task", "ks", "--train", "D"], "--folds", "1"),
+    (["data", "shard", "D", "--out", "O"], "--shard-seconds", "0"),
+    (["data", "shard", "D", "--out", "O"], "--workers", "0"),
+    (["data", "check", "D"], "--min-seconds", "nan"),
+    (["transcribe", "--model", "M", "F"], "--beam", "0"),
+    (["transcribe", "--model", "M", "F"], "--chunk-seconds", "-1"),
+    (["score", "--model", "M", "--data", "D", "--out", "O"], "--worst", "ten"),
+    (["export-onnx", "--model", "M", "--out", "O"], "--opset", "0"),
+]
+
+
+@pytest.mark.parametrize("argv,flag,value", FLAGS, ids=[f"{a[0]} {f}={v}" for a, f, v in FLAGS])
+def test_a_commands_own_number_out_of_range_is_argparses_error_naming_the_flag(capsys, argv, flag, value):
+    with pytest.raises(SystemExit) as stop:
+        run_cli(capsys, *argv, flag, value)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert f"error: argument {flag}: " in last and ("must be" in last or "expected an integer" in last), err
+
+
+def test_an_opset_the_encoder_cannot_be_exported_at_is_one_line(tmp_path, capsys, world):
+    out = tmp_path / "enc.onnx"
+    res = run_cli(capsys, "export-onnx", "--model", world.model, "--out", out, "--opset", "5", "--no-check")
+    assert_refused(res, "--opset 5", "cannot be exported at this opset")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "1.5"])
+def test_devices_that_name_no_device_are_refused(world, capsys, value):
+    res = run_cli(capsys, "pretrain", "--data", world.audio, "--out", world.root / "never", "--preset", "tiny",
+                  "--devices", value)
+    assert_refused(res, "train.devices", max_lines=1)

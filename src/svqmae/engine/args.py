@@ -11,6 +11,25 @@ from ..config import ConfigError
 from .faults import parse_fault
 
 
+def number(spec: str, kind: type = int):
+    """An argparse ``type`` for a flag that is no config field (those are checked with the config): a
+    ``kind`` number within the range ``spec`` (written as config fields declare theirs, e.g. ``"> 0"``,
+    ``">= 1"``, ``"(0, 1)"``); anything else is argparse's error naming the flag."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not C.in_range(value, spec):
+            raise argparse.ArgumentTypeError(f"must be {spec}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def add_set_arg(p: argparse.ArgumentParser,
                 help: str = "override any config field, e.g. --set model.encoder.layers=6 (repeatable)") -> None:
     """``--set KEY=VALUE`` (repeatable): config overrides, applied after presets and YAML files."""

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..data import DataError
+from ..engine.args import number
 from .outputs import output_file, output_folder
 
 
@@ -122,7 +123,7 @@ def add_cli(sub) -> None:
                         "(a Shar directory: also its shards, each read to its end)")
     q.add_argument("src", nargs="+", metavar="SRC", help="folder, TSV/CSV manifest, lhotse manifest or Shar directory")
     q.add_argument("--headers-only", action="store_true", help="read headers only (fast; misses truncated/NaN files)")
-    q.add_argument("--min-seconds", type=float, default=0.5, help="count utterances shorter than this")
+    q.add_argument("--min-seconds", type=number(">= 0", float), default=0.5, help="count utterances shorter than this")
     q.add_argument("--strict", action="store_true", help="exit with an error if any file has a problem")
     q.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     q.set_defaults(func=cmd_check)
@@ -131,10 +132,10 @@ def add_cli(sub) -> None:
                         "streamed, corpus-scale training; rerun to continue an interrupted run")
     q.add_argument("src", nargs="+", metavar="SRC", help="folder, TSV/CSV manifest or lhotse manifest")
     q.add_argument("--out", required=True, metavar="DIR")
-    q.add_argument("--shard-seconds", type=float, default=1800.0,
+    q.add_argument("--shard-seconds", type=number("> 0", float), default=1800.0,
                    help="about this much audio per shard (default 1800 = 30 min, ~40 MB of FLAC)")
     q.add_argument("--audio-format", choices=["flac", "opus"], default="flac")
-    q.add_argument("--workers", type=int, default=1, help="shards written in parallel (processes)")
+    q.add_argument("--workers", type=number(">= 1"), default=1, help="shards written in parallel (processes)")
     q.add_argument("--seed", type=int, default=0, help="the order of the cuts over the shards")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_shard)
@@ -143,5 +144,5 @@ def add_cli(sub) -> None:
     q.add_argument("--out", required=True, metavar="DIR")
     q.add_argument("--minutes", type=float, default=30.0, help="about this many minutes of audio (default 30)")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--workers", type=int, help="processes (default: one per CPU core)")
+    q.add_argument("--workers", type=number(">= 1"), help="processes (default: one per CPU core)")
     q.set_defaults(func=cmd_synth)

@@ -25,7 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import ConfigError
+from ..engine.args import number
 from ..model import SVQMAE
+from ..model.io import one_line
 from .outputs import output_file
 
 # --------------------------------------------------------------------------- ONNX
@@ -116,8 +119,12 @@ def export_onnx(model: SVQMAE | str | Path, out: str | Path, opset: int = 18, dy
         else:
             kwargs = {"dynamic_axes": {"waves": {0: "batch", 1: "samples"}, "lengths": {0: "batch"},
                                        "hidden_states": {1: "batch", 2: "tokens"}, "token_lengths": {0: "batch"}}}
-        torch.onnx.export(wrapper, example, str(out), dynamo=dynamo, opset_version=opset,
-                          input_names=INPUTS, output_names=OUTPUTS, **kwargs)
+        try:
+            torch.onnx.export(wrapper, example, str(out), dynamo=dynamo, opset_version=opset,
+                              input_names=INPUTS, output_names=OUTPUTS, **kwargs)
+        except torch.onnx.errors.OnnxExporterError as e:
+            raise ConfigError(f"--opset {opset}: the encoder cannot be exported at this opset ({one_line(e)}); "
+                              f"the default is 18") from None
     proto = onnx.load(str(out))
     meta = {"producer": "svqmae", "sample_rate": sr, "downsample_rate": model.downsample_rate,
             "num_hidden_states": model.num_states, "hidden_size": model.cfg.encoder.dim,
@@ -163,7 +170,7 @@ def add_cli(sub) -> None:
     p = sub.add_parser("export-onnx", help="export the encoder (waveform in, all hidden states out) to ONNX")
     p.add_argument("--model", required=True, metavar="M", help="model/ folder, run DIR or .ckpt")
     p.add_argument("--out", required=True, metavar="FILE.onnx")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--opset", type=number(">= 1"), default=18, help="ONNX opset version (default 18)")
     p.add_argument("--dynamo", action="store_true", help="use the torch.export-based exporter (slower to export)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the onnxruntime-vs-PyTorch parity check on a random batch")

@@ -32,6 +32,7 @@ import torch
 
 from .. import config as C
 from ..data import Problems, WaveformBatches, cut_fields, cut_path, load_sources
+from ..engine.args import number
 from ..model import SVQMAE
 from .outputs import output_folder, sweep
 
@@ -189,8 +190,9 @@ def add_cli(sub) -> None:
                    "states (0 = the level, or the input embedding in models without it; -1 = the top block), e.g. 6,-1")
     p.add_argument("--format", choices=["npy", "npz"], default="npy",
                    help="npy: one (L,T,D) array per utterance; npz: one (T,D) array per layer per utterance")
-    p.add_argument("--batch-seconds", type=float, default=60.0, help="audio seconds per batch (default 60)")
+    p.add_argument("--batch-seconds", type=number("> 0", float), default=60.0,
+                   help="audio seconds per batch (default 60)")
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--workers", type=int, default=1, help="audio loading processes (default 1)")
+    p.add_argument("--workers", type=number(">= 0"), default=1, help="audio loading processes (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_extract)

@@ -19,6 +19,7 @@ from torch import nn
 from .. import config as C
 from ..data import AudioError, DataError, Problems, cut_path, load_cut, load_source
 from ..data.text import normalize, words
+from ..engine.args import number
 from .decode import Decoder
 from .evaluate.report import bootstrap_ci
 from .outputs import output_file
@@ -182,7 +183,7 @@ def cmd_score(args) -> None:
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beam", type=int, default=1, help="beam width (1: greedy; >1: pyctcdecode beam search)")
+    p.add_argument("--beam", type=number(">= 1"), default=1, help="beam width (1: greedy; >1: pyctcdecode beam search)")
     p.add_argument("--lm", metavar="ARPA", help="KenLM n-gram (ARPA or binary) for shallow fusion; needs `pip install kenlm`")
     p.add_argument("--alpha", type=float, default=0.5, help="LM weight (with --lm)")
     p.add_argument("--beta", type=float, default=1.0, help="word insertion bonus (with --lm)")
@@ -193,7 +194,7 @@ def add_cli(sub) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="fine-tuned model (DIR or DIR/model)")
     p.add_argument("inputs", nargs="+", metavar="FILE|FOLDER", help="audio files, folders (recursive) or manifests")
     p.add_argument("--out", metavar="OUT.json|OUT.tsv", help="also write the transcripts to a JSON or TSV file")
-    p.add_argument("--chunk-seconds", type=float, default=30.0, help="longer recordings are decoded in pieces")
+    p.add_argument("--chunk-seconds", type=number("> 0", float), default=30.0, help="longer recordings are decoded in pieces")
     _add_decode_args(p)
     p.set_defaults(func=cmd_transcribe)
 
@@ -201,6 +202,6 @@ def add_cli(sub) -> None:
     p.add_argument("--model", required=True, metavar="DIR")
     p.add_argument("--data", required=True, metavar="SRC", help="labelled source (manifest with a text column)")
     p.add_argument("--out", required=True, metavar="REPORT.json")
-    p.add_argument("--worst", type=int, default=10, help="how many of the worst utterances to list")
+    p.add_argument("--worst", type=number(">= 0"), default=10, help="how many of the worst utterances to list")
     _add_decode_args(p)
     p.set_defaults(func=cmd_score)

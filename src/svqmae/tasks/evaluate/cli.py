@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ...config import ConfigError
+from ...engine.args import number
 from ..outputs import output_file, output_folder
 from .items import DEFAULTS, TASKS
 from .protocol import evaluate
@@ -88,18 +89,18 @@ def add_cli(sub) -> None:
     p.add_argument("--out", default="evaluation", metavar="PATH",
                    help="report .json (one model and task) or folder (default: evaluation/)")
     p.add_argument("--cache", metavar="DIR", help="feature cache folder (default: next to the report)")
-    p.add_argument("--folds", type=int, help="k-fold cross-validation over --train instead of --test (er: 5)")
+    p.add_argument("--folds", type=number(">= 2"), help="k-fold cross-validation over --train instead of --test (er: 5)")
     p.add_argument("--fold-by", dest="fold_by", choices=["speaker", "session"],
                    help="fold groups (er default: session column if present, else speaker)")
     p.add_argument("--device", help="extraction device (default: cuda if available)")
     p.add_argument("--seed", type=int, help="seed of heads, dev split and bootstrap (default 0)")
-    p.add_argument("--epochs", type=int, help="max epochs of utterance heads (default 100)")
-    p.add_argument("--asr-epochs", dest="asr_epochs", type=int, help="max epochs of the ASR head (default 40)")
-    p.add_argument("--asr-hidden", dest="asr_hidden", type=int, help="BiLSTM units per direction (default 256)")
+    p.add_argument("--epochs", type=number(">= 1"), help="max epochs of utterance heads (default 100)")
+    p.add_argument("--asr-epochs", dest="asr_epochs", type=number(">= 1"), help="max epochs of the ASR head (default 40)")
+    p.add_argument("--asr-hidden", dest="asr_hidden", type=number(">= 1"), help="BiLSTM units per direction (default 256)")
     p.add_argument("--lr", help="head learning rate: auto (default: the best of a small grid on the dev split, "
                    "reported) or a number")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="utterance head batch size (default 32)")
-    p.add_argument("--dev-fraction", dest="dev_fraction", type=float,
+    p.add_argument("--batch-size", dest="batch_size", type=number(">= 1"), help="utterance head batch size (default 32)")
+    p.add_argument("--dev-fraction", dest="dev_fraction", type=number("(0, 1)", float),
                    help="share of train held out by speaker when there is no --dev (default 0.1)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_evaluate)
