@@ -172,3 +172,10 @@ def test_devices_that_name_no_device_are_refused(world, capsys, value):
     res = run_cli(capsys, "pretrain", "--data", world.audio, "--out", world.root / "never", "--preset", "tiny",
                   "--devices", value)
     assert_refused(res, "train.devices", max_lines=1)
+
+
+def test_a_config_file_that_is_no_text_is_one_line(tmp_path, capsys, world):
+    y = tmp_path / "model.yaml"
+    y.write_bytes(b"\xff\xfe\x00m\x00o\x00d")
+    res = run_cli(capsys, "pretrain", "--data", world.audio, "--out", tmp_path / "out", "--config", y)
+    assert_refused(res, y, "not UTF-8", max_lines=1)

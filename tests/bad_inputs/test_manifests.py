@@ -43,6 +43,8 @@ MALFORMED = {  # a value no read can use: a DataError naming the manifest's row,
     "negative_seconds": ("good0.wav", "-1", "", ""),
     "nan_seconds": ("good0.wav", "nan", "", ""),
     "empty_path": ("", "1.0", "", ""),
+    "huge_seconds": ("good0.wav", "1e308", "", ""),
+    "not_utf8": ("caf\u00e9.wav", "1.0", "", ""),  # the manifest is written in Latin-1
 }
 
 
@@ -83,7 +85,9 @@ def _write(folder: Path, spec: dict) -> tuple[Path, list[tuple], set]:
             lines.append("")
     nl = "\r\n" if spec["crlf"] else "\n"
     path = folder / "m.tsv"
-    path.write_text(("\ufeff" if spec["bom"] else "") + nl.join(lines) + nl, encoding="utf-8")
+    latin = spec["malformed"] == "not_utf8"
+    path.write_text(("\ufeff" if spec["bom"] and not latin else "") + nl.join(lines) + nl,
+                    encoding="latin-1" if latin else "utf-8")
     usable = set()
     for kind, (rel, _, start, end) in rows:
         if kind != "malformed" and ROWS[kind][0]:
@@ -291,3 +295,22 @@ def test_a_large_manifest_read_lazily_drops_repeats_on_every_pass_and_reports_th
         passes = [[c.id for c in cuts] for _ in range(3)]  # three epochs
     assert all(len(p) == 3 for p in passes) and passes[0] == passes[2]
     assert len(problems.repeated) == 2 and caplog.text.count("repeated item(s) dropped") == 1
+
+
+@pytest.mark.parametrize("command", ["data check", "extract", "evaluate"])
+@pytest.mark.parametrize("case", ["not_utf8", "gzip_bytes", "huge_seconds"])
+def test_a_manifest_that_is_no_utf8_text_or_gives_absurd_times_is_one_line(tmp_path, capsys, world, command, case):
+    m = tmp_path / "m.tsv"
+    good = world.audio / "utt00.wav"
+    if case == "not_utf8":
+        m.write_bytes(f"path\tlabel\n{good}\tcaf\u00e9\n".encode("latin-1"))
+    elif case == "gzip_bytes":
+        m.write_bytes(gzip.compress(f"path\n{good}\n".encode()))
+    else:
+        m.write_text(f"path\tseconds\tlabel\n{good}\t1e308\tx\n")
+    argv = {"data check": ["data", "check", m],
+            "extract": ["extract", "--model", world.model, "--data", m, "--out", tmp_path / "x", "--quiet"],
+            "evaluate": ["evaluate", "--model", "fbank", "--task", "classify", "--train", m, "--test", m,
+                         "--out", tmp_path / "e", "--quiet"]}[command]
+    res = run_cli(capsys, *argv)
+    assert_refused(res, m, "not UTF-8" if case != "huge_seconds" else "'seconds' must be")

@@ -165,9 +165,17 @@ def _seconds(row: dict, key: str, where: str) -> float | None:
         x = float(v)
     except ValueError:
         raise DataError(f"{where}: '{key}' is not a number ({v!r})") from None
-    if not math.isfinite(x) or x < 0:
-        raise DataError(f"{where}: '{key}' must be a finite number >= 0 (got {v})")
+    if not math.isfinite(x) or x < 0 or x >= MAX_SECONDS:
+        raise DataError(f"{where}: '{key}' must be a number of seconds >= 0 and < {MAX_SECONDS:,.0f} (got {v})")
     return x
+
+
+MAX_SECONDS = 1e7  # a manifest's times: 115 days is no recording (and lhotse's sample arithmetic overflows later)
+
+
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
+    return DataError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); save the "
+                     f"manifest as UTF-8")
 
 
 # manifests larger than this (gzip: counted 8x) are read lazily in lenient mode: never whole in memory
@@ -260,7 +268,10 @@ class LazyManifestCuts:
             return None
 
     def __iter__(self):
-        yield from first_of_each(self._rows(), str(self.path), self.problems, report=not self.reported)
+        try:
+            yield from first_of_each(self._rows(), str(self.path), self.problems, report=not self.reported)
+        except UnicodeDecodeError as e:
+            raise _not_utf8(self.path, e) from None
         self.reported = True
 
     def _rows(self):
@@ -414,7 +425,10 @@ def load_source(src: str | Path, problems: Problems | None = None, cache: Path |
     elif p.name.endswith((".jsonl", ".jsonl.gz", ".json")):
         cuts = read_lhotse(p, problems, lazy=not strict)
     elif p.suffix.lower() in (".tsv", ".csv", ".txt"):
-        cuts = read_manifest(p, problems, probe_files=strict)
+        try:
+            cuts = read_manifest(p, problems, probe_files=strict)
+        except UnicodeDecodeError as e:
+            raise _not_utf8(p, e) from None
     elif p.suffix.lower() in AUDIO_EXTENSIONS:
         cuts = CutSet.from_cuts(rec.to_cut() for rec in _probe_all([(p.stem, p)], problems).values())
     else:
