@@ -74,8 +74,8 @@ def check_ranges(node: Any, source: str, prefix: str = "") -> None:
 class FeatureConfig:
     sample_rate: int = ranged(16000, "> 0")  # every input is resampled to this rate
     n_mels: int = ranged(80, ">= 1")  # F: log-mel filterbank bins
-    frame_length_ms: float = ranged(25.0, "> 0")
-    frame_shift_ms: float = ranged(10.0, "> 0")
+    frame_length_ms: float = ranged(25.0, "> 0")  # filterbank analysis window
+    frame_shift_ms: float = ranged(10.0, "> 0")  # filterbank hop: 10 ms = 100 frames per second, before stacking
     stack: int = ranged(4, ">= 1")  # frames per token: 4 -> 40 ms tokens (25 Hz), 2 -> 50 Hz
     # "utterance": each utterance's mel bins to zero mean, unit variance (removes loudness and level);
     # "global": fixed per-bin statistics of the pre-training corpus, estimated before the first step and
@@ -111,28 +111,28 @@ class MixConfig:
     # segment of another one added (at most max_share of their length, primary-to-added energy ratio
     # uniform in +-ratio_db dB); the encoder hears the mixture, the targets are the clean utterance's
     prob: float = ranged(0.0, "[0, 1]")
-    max_share: float = ranged(0.5, "(0, 1]")
-    ratio_db: float = ranged(5.0, ">= 0")
+    max_share: float = ranged(0.5, "(0, 1]")  # the added piece is at most this share of the utterance's length
+    ratio_db: float = ranged(5.0, ">= 0")  # utterance-to-added energy ratio, uniform in +-ratio_db dB
 
 
 @dataclass
 class QuantizerConfig:
     kind: str = "random"  # "random": frozen random projection (BEST-RQ); "learned": EMA k-means VQ
     codebook_size: int = ranged(1024, ">= 2")  # K
-    code_dim: int = ranged(16, ">= 1")
-    num_codebooks: int = ranged(1, ">= 1")
+    code_dim: int = ranged(16, ">= 1")  # each token is projected to this many dimensions before its nearest code is taken
+    num_codebooks: int = ranged(1, ">= 1")  # independent projections and codebooks; the decoder predicts a code from each (one cross-entropy each)
     seed: int = ranged(1234, "any")  # the random projection and codebook are a pure function of this seed
     ema_decay: float = ranged(0.99, "[0, 1)")  # learned VQ only
 
 
 @dataclass
 class TransformerConfig:
-    layers: int = ranged(12, ">= 1")
+    layers: int = ranged(12, ">= 1")  # Transformer blocks
     dim: int = ranged(768, ">= 1")  # D
-    heads: int = ranged(12, ">= 1")
-    ffn_dim: int = ranged(3072, ">= 1")
-    dropout: float = ranged(0.1, "[0, 1)")
-    rope_base: float = ranged(10000.0, "> 0")
+    heads: int = ranged(12, ">= 1")  # attention heads; dim / heads must be even (rotary embeddings)
+    ffn_dim: int = ranged(3072, ">= 1")  # hidden width of each block's feed-forward layer
+    dropout: float = ranged(0.1, "[0, 1)")  # dropout inside the blocks (attention and feed-forward); the only architecture key fine-tuning may change
+    rope_base: float = ranged(10000.0, "> 0")  # base of the rotary position embeddings' frequencies
 
 
 @dataclass
@@ -154,15 +154,15 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = ranged(0, "any")
-    lr: float = ranged(5e-4, "> 0")
+    seed: int = ranged(0, "any")  # seed of the weights, data order, crops and masks (a resumed run draws what the uninterrupted one would)
+    lr: float = ranged(5e-4, "> 0")  # peak learning rate (AdamW), reached after warmup_steps; in fine-tuning, the CTC head's
     min_lr_ratio: float = ranged(0.05, "[0, 1]")  # cosine decay floor, as a share of lr
-    weight_decay: float = ranged(0.01, ">= 0")
-    betas: tuple[float, float] = ranged((0.9, 0.98), "[0, 1)")
-    warmup_steps: int = ranged(1000, ">= 0")
-    max_steps: int = ranged(400_000, ">= 1")
+    weight_decay: float = ranged(0.01, ">= 0")  # AdamW weight decay, on weight matrices only (not biases, norms or the mask embedding)
+    betas: tuple[float, float] = ranged((0.9, 0.98), "[0, 1)")  # AdamW's betas
+    warmup_steps: int = ranged(1000, ">= 0")  # optimizer steps of linear learning-rate warm-up
+    max_steps: int = ranged(400_000, ">= 1")  # optimizer steps to train (--max-steps); the schedule decays over them
     max_minutes: float = ranged(0.0, ">= 0")  # 0 = no time budget
-    grad_clip: float = ranged(1.0, ">= 0")
+    grad_clip: float = ranged(1.0, ">= 0")  # clip the global gradient norm to this; 0 = no clipping
     accumulate: int = ranged(1, ">= 1")  # gradient accumulation: 4 GPUs x 16 stand in for 64 GPUs
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32 on CPU | "bf16" | "32"
     # audio seconds per batch (per device), or "auto": pre-training measures, once, the largest batch that fits
@@ -173,21 +173,21 @@ class TrainConfig:
     max_utt_seconds: float = ranged(15.0, "> 0")  # longer utterances are randomly cropped
     min_utt_seconds: float = ranged(0.5, ">= 0")  # shorter utterances are skipped
     speed_perturb: float = ranged(0.0, "[0, 1)")  # 0.1: each training utterance at a random speed in [0.9, 1.1] (tempo and pitch)
-    num_buckets: int = ranged(10, ">= 1")
+    num_buckets: int = ranged(10, ">= 1")  # duration buckets of the batch sampler (utterances of similar length are batched together)
     num_workers: int | str = ranged("auto", ">= 0")  # loader processes; auto: min(2, cores / 2) on a CPU, cores per GPU - 1 (<= 16) on GPUs
     stream_buffer: int = ranged(2000, ">= 1")  # streamed data (Shar, large manifests): cuts each loader buffers to shuffle and bucket
     val_items: int = ranged(64, ">= 0")  # held-out utterances for validation (fixed masks)
-    val_every: int = ranged(500, ">= 1")
-    log_every: int = ranged(10, ">= 1")
-    ckpt_every_steps: int = ranged(500, ">= 0")
-    ckpt_every_minutes: float = ranged(10.0, ">= 0")
-    keep_last: int = ranged(2, ">= 1")
+    val_every: int = ranged(500, ">= 1")  # validate on the held-out items every this many optimizer steps
+    log_every: int = ranged(10, ">= 1")  # a progress line and a metrics.jsonl row every this many optimizer steps
+    ckpt_every_steps: int = ranged(500, ">= 0")  # write a checkpoint every this many optimizer steps ...
+    ckpt_every_minutes: float = ranged(10.0, ">= 0")  # ... or every this many minutes, whichever comes first
+    keep_last: int = ranged(2, ">= 1")  # periodic checkpoints kept (best.ckpt, the lowest validation loss, is kept besides)
     max_nonfinite: int = ranged(5, ">= 1")  # non-finite loss/gradients: each such step is skipped; this many in a row stop the run
     ddp_timeout_minutes: float = ranged(30.0, "> 0")  # a collective waiting longer (hung or dead rank) ends the whole job
     inject_faults: list[str] = field(default_factory=list)  # testing: KIND@STEP[:rankR] (svqmae.engine.faults)
-    devices: str = "auto"
-    num_nodes: int = ranged(1, ">= 1")
-    strategy: str = "auto"
+    devices: str = "auto"  # GPUs per node (--devices): auto (every GPU, else the CPU) or a number
+    num_nodes: int = ranged(1, ">= 1")  # nodes of the job (--num-nodes)
+    strategy: str = "auto"  # Lightning strategy: auto (DDP, with ddp_timeout_minutes, on several devices), ddp, or another Lightning strategy name
     # learning-rate progress is max(step / max_steps, elapsed / max_minutes): with a time budget the schedule
     # warms up and decays over the minutes too (whichever budget binds first); False: steps only
     time_schedule: bool = True
@@ -482,7 +482,7 @@ class UnitsConfig:
     kind: str = "char"  # "char": characters of the training transcripts | "bpe": a sentencepiece model
     vocab_size: int = ranged(300, ">= 4")  # bpe only (an upper bound on tiny data)
     min_count: int = ranged(1, ">= 1")  # char only: characters seen fewer times in training map to <unk>
-    lowercase: bool = True
+    lowercase: bool = True  # lower-case the transcripts before they become units
 
 
 @dataclass

@@ -44,11 +44,13 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Budget and device flags shared by every training command (each sets a ``train.*`` field)."""
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--max-steps", type=int, help="optimizer steps to train (train.max_steps)")
+    p.add_argument("--max-minutes", type=float,
+                   help="time budget in minutes; the run stops at whichever of the two comes first (train.max_minutes)")
     p.add_argument("--devices", help="GPUs per node (int), or auto")
-    p.add_argument("--num-nodes", type=int)
-    p.add_argument("--precision", choices=["auto", "bf16", "32"])
+    p.add_argument("--num-nodes", type=int, help="nodes of the job (train.num_nodes)")
+    p.add_argument("--precision", choices=["auto", "bf16", "32"],
+                   help="auto: bf16 autocast on GPUs, 32-bit on CPUs (train.precision)")
     p.add_argument("--accumulate", type=int, help="gradient accumulation steps")
 
 

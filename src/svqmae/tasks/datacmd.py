@@ -100,9 +100,9 @@ def add_cli(sub) -> None:
     dsub = p.add_subparsers(dest="data_command", required=True)
 
     q = dsub.add_parser("prepare", help="write manifests (TSV + lhotse) for a corpus on disk, with SUPERB splits")
-    q.add_argument("corpus", choices=sorted(RECIPES))
+    q.add_argument("corpus", choices=sorted(RECIPES), help="which corpus (folder: any folder of audio)")
     q.add_argument("src", metavar="SRC_DIR", help="the corpus as extracted from its archives")
-    q.add_argument("--out", required=True, metavar="DIR")
+    q.add_argument("--out", required=True, metavar="DIR", help="manifests folder (train/dev/test TSV and lhotse manifests)")
     q.add_argument("--test-dir", metavar="DIR", help="speechcommands: the speech_commands_test_set_v0.01 folder "
                    "(default: looked for beside or inside SRC_DIR)")
     q.add_argument("--label-from-folder", action="store_true", help="folder: label = the parent folder's name")
@@ -112,8 +112,8 @@ def add_cli(sub) -> None:
     q.set_defaults(func=cmd_prepare)
 
     q = dsub.add_parser("download", help="download, verify (checksums) and extract a public corpus")
-    q.add_argument("corpus", choices=sorted([*DOWNLOADS, "iemocap"]))
-    q.add_argument("--out", required=True, metavar="DIR")
+    q.add_argument("corpus", choices=sorted([*DOWNLOADS, "iemocap"]), help="which corpus")
+    q.add_argument("--out", required=True, metavar="DIR", help="folder the corpus is downloaded and extracted into")
     q.add_argument("--part", action="append", help="corpus part, e.g. train-clean-100 (repeatable; "
                    "librispeech default: the dev/test parts and train-clean-100)")
     q.add_argument("--remove-archives", action="store_true", help="delete the archives after extraction")
@@ -131,18 +131,20 @@ def add_cli(sub) -> None:
     q = dsub.add_parser("shard", help="write sources as a lhotse Shar directory (audio in tar shards) for "
                         "streamed, corpus-scale training; rerun to continue an interrupted run")
     q.add_argument("src", nargs="+", metavar="SRC", help="folder, TSV/CSV manifest or lhotse manifest")
-    q.add_argument("--out", required=True, metavar="DIR")
+    q.add_argument("--out", required=True, metavar="DIR",
+                   help="the Shar directory to write (rerun with it to finish an interrupted run)")
     q.add_argument("--shard-seconds", type=number("> 0", float), default=1800.0,
                    help="about this much audio per shard (default 1800 = 30 min, ~40 MB of FLAC)")
-    q.add_argument("--audio-format", choices=["flac", "opus"], default="flac")
+    q.add_argument("--audio-format", choices=["flac", "opus"], default="flac",
+                   help="how the audio is stored in the tars (flac: lossless)")
     q.add_argument("--workers", type=number(">= 1"), default=1, help="shards written in parallel (processes)")
     q.add_argument("--seed", type=int, default=0, help="the order of the cuts over the shards")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_shard)
 
     q = dsub.add_parser("synth", help="synthesize the built-in demo corpus with eSpeak NG")
-    q.add_argument("--out", required=True, metavar="DIR")
+    q.add_argument("--out", required=True, metavar="DIR", help="folder of the demo corpus")
     q.add_argument("--minutes", type=float, default=30.0, help="about this many minutes of audio (default 30)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="every byte of the corpus is a function of the seed and --minutes")
     q.add_argument("--workers", type=number(">= 1"), help="processes (default: one per CPU core)")
     q.set_defaults(func=cmd_synth)

@@ -226,6 +226,6 @@ def add_cli(sub) -> None:
     p = sub.add_parser("demo", help="synthesize a corpus, pre-train a tiny model, evaluate it (what `make demo` runs)")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="everything goes here (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a smoke test in under a minute (tiny corpus and model)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the corpus, the pre-training and the probes")
     add_set_arg(p, "override a pre-training setting on top of the demo's (repeatable)")
     p.set_defaults(func=cmd_demo)

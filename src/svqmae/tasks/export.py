@@ -169,7 +169,7 @@ def cmd_export_onnx(args) -> None:
 def add_cli(sub) -> None:
     p = sub.add_parser("export-onnx", help="export the encoder (waveform in, all hidden states out) to ONNX")
     p.add_argument("--model", required=True, metavar="M", help="model/ folder, run DIR or .ckpt")
-    p.add_argument("--out", required=True, metavar="FILE.onnx")
+    p.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
     p.add_argument("--opset", type=number(">= 1"), default=18, help="ONNX opset version (default 18)")
     p.add_argument("--dynamo", action="store_true", help="use the torch.export-based exporter (slower to export)")
     p.add_argument("--no-check", dest="check", action="store_false",

@@ -185,7 +185,7 @@ def add_cli(sub) -> None:
     p.add_argument("--model", required=True, metavar="M", help="model/ folder, run DIR or .ckpt")
     p.add_argument("--data", action="append", required=True, metavar="SRC",
                    help="folder of audio, TSV/CSV manifest or lhotse manifest (repeatable)")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder: features/, index.tsv and features.json")
     p.add_argument("--layers", default="all", help="'all' (default) or comma-separated indices of model.extract's "
                    "states (0 = the level, or the input embedding in models without it; -1 = the top block), e.g. 6,-1")
     p.add_argument("--format", choices=["npy", "npz"], default="npy",

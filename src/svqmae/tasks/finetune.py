@@ -336,7 +336,8 @@ def add_cli(sub) -> None:
     p.add_argument("--train", action="append", required=True, metavar="SRC",
                    help="labelled source: TSV/CSV manifest with path and text columns, or lhotse manifest (repeatable)")
     p.add_argument("--dev", action="append", required=True, metavar="SRC", help="labelled dev source (repeatable)")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="run folder: config, metrics, checkpoints and the recognizer in model/; rerunning with it resumes")
     p.add_argument("--units", choices=["char", "bpe"], help="output units (default char)")
     p.add_argument("--vocab-size", type=int, help="sentencepiece vocabulary size (--units bpe)")
     p.add_argument("--preset", choices=sorted(C.PRESETS), help="architecture for --model random/fbank (default base)")

@@ -376,7 +376,8 @@ def add_cli(sub) -> None:
     p = sub.add_parser("pretrain", help="self-supervised pre-training on unlabeled audio (resumes if --out has checkpoints)")
     p.add_argument("--data", action="append", required=True, metavar="SRC",
                    help="folder of audio, TSV/CSV manifest or lhotse manifest (repeatable)")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="run folder: config, metrics, checkpoints and model/; rerunning with it resumes")
     add_config_args(p)
     add_engine_args(p)
     add_fault_injection_arg(p)  # --inject-fault KIND@STEP[:rankR] -> train.inject_faults

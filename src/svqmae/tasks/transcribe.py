@@ -199,9 +199,10 @@ def add_cli(sub) -> None:
     p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("score", help="CER/WER of a fine-tuned model on a labelled source, with 95%% bootstrap intervals")
-    p.add_argument("--model", required=True, metavar="DIR")
+    p.add_argument("--model", required=True, metavar="DIR", help="fine-tuned model (DIR or DIR/model)")
     p.add_argument("--data", required=True, metavar="SRC", help="labelled source (manifest with a text column)")
-    p.add_argument("--out", required=True, metavar="REPORT.json")
+    p.add_argument("--out", required=True, metavar="REPORT.json",
+                   help="the report: CER, WER, intervals, unseen characters, worst utterances")
     p.add_argument("--worst", type=number(">= 0"), default=10, help="how many of the worst utterances to list")
     _add_decode_args(p)
     p.set_defaults(func=cmd_score)

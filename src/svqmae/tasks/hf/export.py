@@ -246,7 +246,7 @@ def add_cli(sub) -> None:
     p = sub.add_parser("export-hf", help="write a model or fine-tuned recognizer as a Hugging Face transformers folder")
     p.add_argument("--model", required=True, metavar="M",
                    help="pre-trained model (model/ folder, run DIR or .ckpt) or fine-tuned recognizer (DIR or DIR/model)")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="the transformers folder to write")
     p.add_argument("--with-code", action="store_true",
                    help="include modeling code (generated from svqmae's source) so that the folder loads with "
                         "trust_remote_code=True without svqmae")
