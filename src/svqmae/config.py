@@ -191,8 +191,9 @@ class TrainConfig:
     # learning-rate progress is max(step / max_steps, elapsed / max_minutes): with a time budget the schedule
     # warms up and decays over the minutes too (whichever budget binds first); False: steps only
     time_schedule: bool = True
-    # speed (svqmae.engine.speed): each "auto" = on for CUDA, off on a CPU; "on" / "off" force it. None changes
-    # what is computed, only how (tests/engine/test_speed.py checks each against the plain path)
+    # speed (svqmae.engine.speed): "auto" turns each on where it is faster (torch_compile and pack: CUDA only;
+    # fused_adamw: CUDA and CPUs); "on" / "off" force it. None changes what is computed, only how
+    # (tests/engine/test_speed.py checks each against the plain path); the log's "speed:" line says which are on
     torch_compile: str = "auto"  # torch.compile the Transformer blocks (shapes bucketed, dynamic: no per-step recompiles)
     pack: str = "auto"  # encoder: the visible tokens of the whole batch in one sequence, per-utterance attention
     fused_adamw: str = "auto"  # fused AdamW; non-finite steps are then skipped on the device, without a host sync
