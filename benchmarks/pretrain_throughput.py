@@ -68,27 +68,26 @@ def synthetic_batch(batch: int, seconds: float, seed: int = 0) -> tuple[torch.Te
 
 
 def real_batches(manifest: str, batch_seconds: float, count: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``count`` batches of real utterances from a TSV manifest (``path``, ``seconds``), as the duration-bucketed
-    training loader forms them: utterances sorted by duration, cut into batches of at most ``batch_seconds`` of
-    audio, and ``count`` of those batches drawn at random (seeded), each zero-padded to its longest utterance."""
+    """``count`` batches of real utterances from a manifest (any source svqmae reads; a ``seconds`` column
+    spares the probe), as the duration-bucketed training loader forms them: utterances sorted by duration,
+    cut into batches of at most ``batch_seconds`` of audio, and ``count`` of those batches drawn at random
+    (seeded), each zero-padded to its longest utterance."""
     import random
 
-    from svqmae.data import read_audio
+    from svqmae.data import Problems, load_cut, load_source
 
-    root = Path(manifest).parent
-    rows = [line.split("\t") for line in Path(manifest).read_text().splitlines()[1:] if line.strip()]
-    rows.sort(key=lambda r: float(r[1]))
+    cuts = sorted(load_source(manifest, Problems()), key=lambda c: c.duration)
     groups, cur, total = [], [], 0.0
-    for r in rows:
-        if cur and total + float(r[1]) > batch_seconds:
+    for cut in cuts:
+        if cur and total + cut.duration > batch_seconds:
             groups.append(cur)
             cur, total = [], 0.0
-        cur.append(r[0])
-        total += float(r[1])
+        cur.append(cut)
+        total += cut.duration
     groups.append(cur)
     out = []
     for group in random.Random(seed).sample(groups, min(count, len(groups))):
-        xs = [torch.from_numpy(read_audio(root / path, 16000)) for path in group]
+        xs = [torch.from_numpy(load_cut(cut, 16000)) for cut in group]
         out.append((torch.nn.utils.rnn.pad_sequence(xs, batch_first=True), torch.tensor([len(x) for x in xs])))
     return out
 

@@ -65,8 +65,8 @@ class PretrainModule(EngineModule):
         def forward(b):  # its masks come from (step, rank, micro, part): the same when recomputed
             if armed[0] and faults.take("oom", step + 1):
                 raise torch.OutOfMemoryError("injected out-of-memory (--inject-fault oom)")
-            lengths = torch.tensor(b["host_lengths"]) if "host_lengths" in b else b["lengths"]
-            return self.model(b["waves"], lengths, self.generator(1, step, rank, micro, *b.get("part", ())))
+            return self.model(b["waves"], torch.tensor(_host_lengths(b)),
+                              self.generator(1, step, rank, micro, *b.get("part", ())))
 
         out = forward_with_oom_retry(forward, batch, _split_batch, _combine_outputs, self._oom_advice(),
                                      on_retry=lambda: self._on_oom(step + 1, batch))
@@ -77,8 +77,7 @@ class PretrainModule(EngineModule):
         if faults is not None and faults.take("nan", step + 1):
             out["loss"] = out["loss"] * float("nan")
         self.last_out = {k: v.detach() for k, v in out.items()}  # read on the host only when logged
-        lengths = batch.get("host_lengths", batch["lengths"].tolist())
-        self.last_out["audio_seconds"] = sum(lengths) / self.cfg.model.features.sample_rate
+        self.last_out["audio_seconds"] = sum(_host_lengths(batch)) / self.cfg.model.features.sample_rate
         self.log_dict({f"train/{k}": v for k, v in out.items() if k not in ("tokens", "visible_tokens")},
                       on_step=True, prog_bar=False, batch_size=batch["waves"].shape[0])
         return out["loss"]
@@ -97,7 +96,7 @@ class PretrainModule(EngineModule):
 
     def _on_oom(self, step: int, batch, where: str = "") -> None:
         self.oom_retries += 1
-        secs = sum(batch.get("host_lengths", batch["lengths"].tolist())) / self.cfg.model.features.sample_rate
+        secs = sum(_host_lengths(batch)) / self.cfg.model.features.sample_rate
         print(f"[rank {self.global_rank}] step {step}: out of memory{where} on a batch of {batch['waves'].shape[0]} "
               f"utterances ({secs:.0f} s of audio); retrying it split in two ({self.oom_retries} so far)",
               file=sys.stderr, flush=True)
@@ -142,8 +141,7 @@ class PretrainModule(EngineModule):
     def validation_step(self, batch, batch_idx):
         if batch["waves"].shape[0] == 0:
             return
-        lengths = torch.tensor(batch["host_lengths"]) if "host_lengths" in batch else batch["lengths"]
-        out = self.model(batch["waves"], lengths, self.generator(2, batch_idx))  # fixed masks
+        out = self.model(batch["waves"], torch.tensor(_host_lengths(batch)), self.generator(2, batch_idx))  # fixed masks
         n = batch["waves"].shape[0]
         for k in ("loss", "masked_acc", "code_perplexity"):
             self.log(f"val/{k}", out[k], on_epoch=True, sync_dist=True, batch_size=n)
@@ -165,10 +163,16 @@ class PretrainModule(EngineModule):
         return C.to_dict(self.cfg)
 
 
+def _host_lengths(batch: dict) -> tuple[int, ...]:
+    """The batch's lengths in samples, on the host: ``host_lengths`` (kept there by the engine when the batch
+    moves to the device), else read from ``lengths``."""
+    return tuple(batch["host_lengths"]) if "host_lengths" in batch else tuple(batch["lengths"].tolist())
+
+
 def _split_batch(batch: dict) -> list[dict]:
     """A padded batch -> two halves (by utterance), each trimmed to its own longest utterance."""
     half = (batch["waves"].shape[0] + 1) // 2
-    host = tuple(batch.get("host_lengths", batch["lengths"].tolist()))
+    host = _host_lengths(batch)
     parts = []
     for i, sl in enumerate((slice(0, half), slice(half, None))):
         part = {"waves": batch["waves"][sl, : max(host[sl])], "lengths": batch["lengths"][sl], "part": (i + 1,)}
